@@ -1,0 +1,109 @@
+/* The module contract: what a service declares (routes, statements) and what a handler may call. */
+#ifndef CITYHALL_MODULE_H
+#define CITYHALL_MODULE_H
+
+#include <stddef.h>
+#include <h2o.h>
+#include <protobuf-c/protobuf-c.h>
+#include "cityhall/ch.h"
+#include "cityhall/pg.h"
+#include "cityhall/redis.h"
+
+typedef struct ch_call ch_call_t;
+typedef void (*ch_handler_fn)(ch_call_t *call);
+
+enum {
+    /** Creates something: honours Idempotency-Key (replay of the first result, 422 on another body). */
+    CH_ROUTE_IDEMPOTENT = 1u << 0,
+    /** The handler answers with ch_reply_raw (images, text); `response` is then NULL. */
+    CH_ROUTE_RAW = 1u << 1,
+};
+
+/**
+ * One row of a service's route table. `path` is matched segment by segment; a segment written
+ * `{name}` captures one segment (read it with ch_call_param). A literal segment may end in a
+ * literal suffix after a parameter, e.g. "/v1/health/code.png" is simply literal.
+ */
+typedef struct ch_route {
+    const char *method;
+    const char *path;
+    unsigned roles;                                /* CH_PUBLIC or a mask of CH_ROLE_* */
+    const ProtobufCMessageDescriptor *request;     /* NULL: the route takes no body */
+    const ProtobufCMessageDescriptor *response;    /* NULL with status 204, or CH_ROUTE_RAW */
+    ch_handler_fn handler;
+    unsigned flags;
+} ch_route_t;
+
+/** What a service module declares, once. The gateway lists the modules in gateway/modules.c. */
+typedef struct ch_module {
+    const char *name;
+    const ch_route_t *routes;
+    size_t nroutes;
+    const ch_pg_stmt_t *const *stmts; /* NULL-terminated; prepared on every PostgreSQL connection */
+} ch_module_t;
+
+/** Who is calling, as established by the gateway from the bearer token. */
+typedef struct ch_principal {
+    unsigned role;          /* exactly one CH_ROLE_* */
+    const char *subject;    /* account id */
+    const char *session_id;
+    const char *dept;       /* department code (staff, dept), or NULL */
+    const char *actor;      /* the staff member acting for a citizen, or NULL */
+} ch_principal_t;
+
+/* ---- reading the call ---- */
+
+/** The decoded request body (a message of route->request), or NULL for routes without a body. */
+void *ch_call_body(ch_call_t *call);
+/** A path parameter captured by `{name}`, NUL-terminated; NULL if the route has no such name. */
+const char *ch_call_param(ch_call_t *call, const char *name);
+/** A query-string parameter, percent-decoded and NUL-terminated; NULL if absent. */
+const char *ch_call_query(ch_call_t *call, const char *name);
+/** The authenticated principal, or NULL on public routes. */
+const ch_principal_t *ch_call_principal(ch_call_t *call);
+const char *ch_call_request_id(ch_call_t *call);
+/** The Idempotency-Key header of an idempotent route, or NULL. */
+const char *ch_call_idempotency_key(ch_call_t *call);
+/** The event loop (thread) index serving the call. */
+unsigned ch_call_thread(ch_call_t *call);
+/** The underlying h2o request, for raw routes; NULL once the client has gone. */
+h2o_req_t *ch_call_req(ch_call_t *call);
+
+/* ---- memory that lives as long as the call ---- */
+
+void *ch_call_alloc(ch_call_t *call, size_t size);
+char *ch_call_strdup(ch_call_t *call, const char *s);
+char *ch_call_printf(ch_call_t *call, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/** A protobuf-c allocator for building response messages (freed with the call). */
+ProtobufCAllocator *ch_call_allocator(ch_call_t *call);
+
+/* ---- answering (exactly once per call) ---- */
+
+/** Answers `status` with `msg` (a message of route->response) in the client's encoding; NULL for 204. */
+void ch_reply(ch_call_t *call, int status, const ProtobufCMessage *msg);
+/** Answers the error shape; the message is for people and never carries personal data. */
+void ch_fail(ch_call_t *call, ch_code_t code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+/** Answers a CH_E* return code: 503 + Retry-After for CH_EFULL/CH_EUNAVAIL/CH_ETIMEDOUT, 500 otherwise. */
+void ch_fail_err(ch_call_t *call, int err);
+/** Answers a raw body (CH_ROUTE_RAW routes); `body` is copied. */
+void ch_reply_raw(ch_call_t *call, int status, const char *content_type, const void *body, size_t len);
+
+/* ---- asynchronous work tied to the call ---- */
+
+/**
+ * The callbacks below are invoked only while the client is still waiting: if the request died
+ * (client reset, timeout) the result is dropped and the callback never runs.
+ */
+typedef void (*ch_call_pg_cb)(ch_call_t *call, ch_pg_result_t *result);
+typedef void (*ch_call_redis_cb)(ch_call_t *call, redisReply *reply, int err);
+
+/** Runs statements as one transaction on this thread's pool. On error returns CH_E* and never calls cb. */
+int ch_call_pg(ch_call_t *call, const ch_pg_query_t *queries, int n, ch_call_pg_cb cb);
+/** Sends one Redis command on this thread's connection. On error returns CH_E* and never calls cb. */
+int ch_call_redis(ch_call_t *call, ch_call_redis_cb cb, int argc, const char **argv, const size_t *argvlen);
+
+/** Per-call scratch pointer for the handler's own state across callbacks. */
+void ch_call_set_data(ch_call_t *call, void *data);
+void *ch_call_data(ch_call_t *call);
+
+#endif

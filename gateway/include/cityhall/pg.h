@@ -1,0 +1,74 @@
+/* Asynchronous PostgreSQL on the h2o event loop: libpq non-blocking + pipeline mode, per-thread pool. */
+#ifndef CITYHALL_PG_H
+#define CITYHALL_PG_H
+
+#include <stdint.h>
+#include <libpq-fe.h>
+#include <h2o.h>
+
+/** A prepared statement, declared once by a module's store and prepared on every connection. */
+typedef struct ch_pg_stmt {
+    const char *name;
+    const char *sql;
+    int nparams;
+} ch_pg_stmt_t;
+
+/** One statement execution: text-format parameters (NULL = SQL NULL), lengths NULL for C strings. */
+typedef struct ch_pg_query {
+    const ch_pg_stmt_t *stmt;
+    const char *const *values;
+    const int *lengths;
+} ch_pg_query_t;
+
+/**
+ * What a submission produced. `err` is 0 when every statement succeeded; otherwise CH_EDB (the server
+ * refused a statement: `sqlstate` and `message` say why, nothing was committed), CH_ETIMEDOUT or
+ * CH_EUNAVAIL (the outcome of a write is then unknown). `res[i]` is the result of query i (NULL when
+ * err != 0). Everything is borrowed: valid only during the callback.
+ */
+typedef struct ch_pg_result {
+    int err;
+    int nres;
+    PGresult **res;
+    const char *sqlstate;
+    const char *message;
+} ch_pg_result_t;
+
+typedef void (*ch_pg_cb)(void *arg, ch_pg_result_t *result);
+
+typedef struct ch_pg_config {
+    const char *conninfo;
+    unsigned conns;           /* connections per thread */
+    unsigned queue_max;       /* submissions waiting or in flight per thread before CH_EFULL */
+    uint64_t timeout_ms;      /* per submission, from enqueue to result */
+    uint64_t connect_timeout_ms;
+} ch_pg_config_t;
+
+typedef struct ch_pg_pool ch_pg_pool_t;
+
+/** Registers a statement for every pool created afterwards (call before threads start). */
+void ch_pg_register(const ch_pg_stmt_t *stmt);
+
+/** Creates a pool on `loop` and starts connecting (asynchronously, with backoff on failure). */
+ch_pg_pool_t *ch_pg_pool_new(h2o_loop_t *loop, const ch_pg_config_t *config);
+/** Closes every connection; pending callbacks are called with CH_ECLOSED. */
+void ch_pg_pool_free(ch_pg_pool_t *pool);
+
+/**
+ * Runs `n` statements as one transaction (one pipeline sync: statements before a sync form one
+ * implicit transaction, so either all commit or none). Parameters are copied. Returns 0 and later
+ * calls `cb` exactly once, never before returning; or returns CH_EFULL / CH_EUNAVAIL / CH_ECLOSED
+ * and never calls `cb`.
+ */
+int ch_pg_submit(ch_pg_pool_t *pool, const ch_pg_query_t *queries, int n, ch_pg_cb cb, void *arg);
+
+/** Counts for /readyz and /metrics. */
+typedef struct ch_pg_stats {
+    unsigned conns_up;
+    unsigned queued;     /* waiting for a connection */
+    unsigned inflight;   /* sent, waiting for results */
+    uint64_t timeouts, failures, reconnects;
+} ch_pg_stats_t;
+void ch_pg_pool_stats(ch_pg_pool_t *pool, ch_pg_stats_t *stats);
+
+#endif
