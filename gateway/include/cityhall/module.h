@@ -99,6 +99,14 @@ typedef void (*ch_call_redis_cb)(ch_call_t *call, redisReply *reply, int err);
 
 /** Runs statements as one transaction on this thread's pool. On error returns CH_E* and never calls cb. */
 int ch_call_pg(ch_call_t *call, const ch_pg_query_t *queries, int n, ch_call_pg_cb cb);
+/**
+ * Runs the statements that create something, as one transaction. On an idempotent route called with an
+ * Idempotency-Key, the key is claimed in that same transaction together with the answer the handler will
+ * give (`status`, `response`), so a retry replays that answer exactly once the write committed, even if
+ * the gateway died before answering. The handler then answers with ch_reply(call, status, response).
+ */
+int ch_call_pg_commit(ch_call_t *call, const ch_pg_query_t *queries, int n, int status, const ProtobufCMessage *response,
+                      ch_call_pg_cb cb);
 /** Sends one Redis command on this thread's connection. On error returns CH_E* and never calls cb. */
 int ch_call_redis(ch_call_t *call, ch_call_redis_cb cb, int argc, const char **argv, const size_t *argvlen);
 

@@ -1,0 +1,136 @@
+/* The gateway's internal interfaces: configuration, router, threads, logging and metrics. */
+#ifndef CITYHALL_GATEWAY_H
+#define CITYHALL_GATEWAY_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <h2o.h>
+#include "cityhall/module.h"
+
+/* ---- configuration (config.c) ---- */
+
+typedef struct ch_config {
+    unsigned threads;
+    char listen[64];          /* address of both listeners */
+    int https_port;           /* 0: no TLS listener */
+    int http_port;            /* 0: no cleartext listener (h2c prior knowledge + HTTP/1.1) */
+    char tls_cert[512];
+    char tls_key[512];
+    char var_dir[512];
+    char pg_conninfo[1024];
+    unsigned pg_conns;        /* per thread */
+    unsigned pg_queue_max;    /* per thread */
+    unsigned pg_timeout_ms;
+    char redis_host[64];
+    int redis_port;
+    unsigned redis_timeout_ms;
+    unsigned redis_queue_max;
+    size_t max_body_bytes;
+    unsigned shutdown_timeout_ms;
+    unsigned http2_max_concurrent; /* streams handled at once per connection */
+    unsigned idle_timeout_ms;
+} ch_config_t;
+
+void ch_config_defaults(ch_config_t *cfg);
+/** Sets one key ("http_port", ...); fills `err` and returns CH_EINVAL for an unknown key or bad value. */
+int ch_config_set(ch_config_t *cfg, const char *key, const char *value, char *err, size_t errlen);
+/** Reads `key = value` lines from `path` (NULL: none), then CITYHALL_<KEY> environment overrides. */
+int ch_config_load(ch_config_t *cfg, const char *path, char *err, size_t errlen);
+
+/* ---- router (router.c) ---- */
+
+#define CH_MAX_PARAMS 8
+
+typedef struct ch_match {
+    const ch_route_t *route;
+    unsigned route_index;      /* dense index over every registered route, for metrics */
+    size_t nparams;
+    const char *param_names[CH_MAX_PARAMS];
+    h2o_iovec_t param_values[CH_MAX_PARAMS];
+} ch_match_t;
+
+enum { CH_MATCH_FOUND = 0, CH_MATCH_NO_PATH = 1, CH_MATCH_NO_METHOD = 2 };
+
+typedef struct ch_router ch_router_t;
+ch_router_t *ch_router_new(void);
+void ch_router_free(ch_router_t *router);
+/** Adds a route; a malformed pattern or a second route with the same method and shape is refused. */
+int ch_router_add(ch_router_t *router, const ch_route_t *route, char *err, size_t errlen);
+/**
+ * Matches `path` (without query string). On CH_MATCH_NO_METHOD, `allow` receives the methods the path
+ * does accept, comma-separated.
+ */
+int ch_router_match(const ch_router_t *router, const char *method, size_t method_len, const char *path, size_t path_len,
+                    ch_match_t *match, char *allow, size_t allow_len);
+unsigned ch_router_count(const ch_router_t *router);
+const ch_route_t *ch_router_route(const ch_router_t *router, unsigned index);
+
+/* ---- logging (log.c): JSON lines on stderr, never personal data ---- */
+
+enum { CH_LOG_DEBUG, CH_LOG_INFO, CH_LOG_WARN, CH_LOG_ERROR };
+void ch_log(int level, const char *event, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+/** Appends `s` JSON-escaped (without quotes) to `dst`; returns the bytes written (truncates at cap). */
+size_t ch_json_escape(char *dst, size_t cap, const char *s, size_t len);
+
+/* ---- metrics (metrics.c): per-thread counters summed at scrape time ---- */
+
+typedef struct ch_metrics ch_metrics_t;
+ch_metrics_t *ch_metrics_new(unsigned nroutes);
+void ch_metrics_observe(ch_metrics_t *m, unsigned route_index, int status, uint64_t duration_us);
+void ch_metrics_gauges(ch_metrics_t *m, const ch_pg_stats_t *pg, const ch_redis_stats_t *redis, unsigned active_calls);
+/** Renders the Prometheus text of every thread's metrics. */
+void ch_metrics_render(ch_metrics_t *const *threads, unsigned nthreads, const ch_router_t *router, h2o_mem_pool_t *pool,
+                       h2o_iovec_t *out);
+
+/* ---- threads and the server (server.c) ---- */
+
+typedef struct ch_thread {
+    h2o_context_t ctx; /* first: the request's conn->ctx leads back here */
+    unsigned index;
+    h2o_evloop_t *loop;
+    ch_pg_pool_t *pg;
+    ch_redis_t *redis;
+    ch_metrics_t *metrics;
+    unsigned active_calls;
+    uint64_t rng;
+    char *logbuf;
+    size_t loglen;
+} ch_thread_t;
+
+/** Verifies a bearer token and fills the principal (strings from `pool`); 0 when valid. */
+typedef int (*ch_authenticate_fn)(const char *token, size_t len, h2o_mem_pool_t *pool, ch_principal_t *principal);
+
+typedef struct ch_server {
+    ch_config_t config;
+    ch_authenticate_fn authenticate; /* NULL until an identity module installs one: every non-public route is 401 */
+    ch_router_t *router;
+    unsigned nthreads;
+    ch_thread_t **threads;
+} ch_server_t;
+
+extern ch_server_t ch_server;
+
+/** Appends a complete log line to the thread's buffer (flushed by size and every 100 ms). */
+void ch_server_log_append(ch_thread_t *thread, const char *line, size_t len);
+
+/** Runs the server until SIGTERM/SIGINT; returns the process exit status. */
+int ch_server_run(const ch_config_t *config);
+
+/* ---- the request pipeline (call.c) ---- */
+
+/** The h2o handler entry: routes, authenticates, decodes, calls the module handler. */
+int ch_call_on_req(h2o_handler_t *self, h2o_req_t *req);
+
+/** Statements the pipeline itself prepares (idempotency keys). */
+extern const ch_pg_stmt_t *const ch_call_stmts[];
+
+/* ---- modules (modules.c) ---- */
+
+extern const ch_module_t *const ch_modules[];
+extern const size_t ch_nmodules;
+
+/* ---- migrations (migrate.c): off the loop, blocking libpq is fine there ---- */
+
+int ch_migrate(const ch_config_t *config, const char *dir);
+
+#endif

@@ -1,0 +1,11 @@
+/* The modules this gateway serves: every route of the product is in one of these tables. */
+#include "gateway.h"
+
+extern const ch_module_t ch_ops_module;
+extern const ch_module_t system_module;
+
+const ch_module_t *const ch_modules[] = {
+    &ch_ops_module,
+    &system_module,
+};
+const size_t ch_nmodules = sizeof(ch_modules) / sizeof(ch_modules[0]);

@@ -1,0 +1,289 @@
+/* The server: one h2o event loop per thread, each with its own SO_REUSEPORT listeners and data connections. */
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <arpa/inet.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include "gateway.h"
+
+ch_server_t ch_server;
+
+static h2o_globalconf_t globalconf;
+static SSL_CTX *ssl_ctx;
+static volatile sig_atomic_t shutdown_requested;
+
+#define LOGBUF_CAP 65536
+
+typedef struct ch_listener {
+    int fd;
+    h2o_accept_ctx_t accept_ctx;
+    h2o_socket_t *sock;
+} ch_listener_t;
+
+typedef struct ch_thread_start {
+    ch_thread_t *thread;
+    ch_listener_t listeners[2];
+    size_t nlisteners;
+    pthread_t tid;
+} ch_thread_start_t;
+
+uint64_t ch_now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
+static void log_flush(ch_thread_t *thread)
+{
+    size_t off = 0;
+    while (off < thread->loglen) {
+        ssize_t w = write(2, thread->logbuf + off, thread->loglen - off);
+        if (w <= 0) {
+            if (w < 0 && errno == EINTR)
+                continue;
+            break; /* a log sink that fails must not stop the service */
+        }
+        off += (size_t)w;
+    }
+    thread->loglen = 0;
+}
+
+void ch_server_log_append(ch_thread_t *thread, const char *line, size_t len)
+{
+    if (thread->loglen + len > LOGBUF_CAP)
+        log_flush(thread);
+    memcpy(thread->logbuf + thread->loglen, line, len);
+    thread->loglen += len;
+}
+
+static int listener_open(const char *addr, int port, char *err, size_t errlen)
+{
+    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    if (inet_pton(AF_INET, addr, &sin.sin_addr) != 1) {
+        snprintf(err, errlen, "listen address %s is not an IPv4 address", addr);
+        return -1;
+    }
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0), on = 1;
+    if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof(on)) != 0 ||
+        setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &on, sizeof(on)) != 0 ||
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on)) != 0 ||
+        bind(fd, (struct sockaddr *)&sin, sizeof(sin)) != 0 || listen(fd, 4096) != 0) {
+        snprintf(err, errlen, "could not listen on %s:%d: %s", addr, port, strerror(errno));
+        if (fd >= 0)
+            close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+static void on_accept(h2o_socket_t *listener, const char *err)
+{
+    if (err != NULL)
+        return;
+    ch_listener_t *l = listener->data;
+    /* accept a bounded batch so one busy listener cannot starve the loop */
+    for (int i = 0; i < 32; ++i) {
+        h2o_socket_t *sock = h2o_evloop_socket_accept(listener);
+        if (sock == NULL)
+            break;
+        h2o_accept(&l->accept_ctx, sock);
+    }
+}
+
+static void refresh_gauges(ch_thread_t *thread)
+{
+    ch_pg_stats_t pg;
+    ch_redis_stats_t redis;
+    ch_pg_pool_stats(thread->pg, &pg);
+    ch_redis_stats(thread->redis, &redis);
+    ch_metrics_gauges(thread->metrics, &pg, &redis, thread->active_calls);
+}
+
+static void *thread_main(void *arg)
+{
+    ch_thread_start_t *start = arg;
+    ch_thread_t *thread = start->thread;
+    const ch_config_t *cfg = &ch_server.config;
+
+    for (size_t i = 0; i < start->nlisteners; ++i) {
+        ch_listener_t *l = &start->listeners[i];
+        l->accept_ctx.ctx = &thread->ctx;
+        l->accept_ctx.hosts = globalconf.hosts;
+        l->sock = h2o_evloop_socket_create(thread->loop, l->fd, H2O_SOCKET_FLAG_DONT_READ);
+        l->sock->data = l;
+        h2o_socket_read_start(l->sock, on_accept);
+    }
+
+    uint64_t last_tick = 0, shutdown_at = 0;
+    for (;;) {
+        h2o_evloop_run(thread->loop, 100);
+        uint64_t now = ch_now_us();
+        if (now - last_tick >= 100000) {
+            last_tick = now;
+            log_flush(thread);
+            refresh_gauges(thread);
+        }
+        if (shutdown_requested && shutdown_at == 0) {
+            /* stop accepting, tell HTTP/2 clients (GOAWAY), let in-flight requests finish */
+            shutdown_at = now;
+            for (size_t i = 0; i < start->nlisteners; ++i)
+                h2o_socket_close(start->listeners[i].sock);
+            h2o_context_request_shutdown(&thread->ctx);
+        }
+        if (shutdown_at != 0) {
+            int drained = thread->active_calls == 0 && h2o_linklist_is_empty(&thread->ctx.http2._conns);
+            if (drained || now - shutdown_at >= (uint64_t)cfg->shutdown_timeout_ms * 1000) {
+                if (!drained)
+                    ch_log(CH_LOG_WARN, "shutdown_timeout", "thread %u: %u requests still in flight at the deadline",
+                           thread->index, thread->active_calls);
+                break;
+            }
+        }
+    }
+    log_flush(thread);
+    /*
+     * The context is not disposed: h2o 2.2.5 asserts when a context is disposed soon after a shutdown
+     * request, and the process exits right after the threads return.
+     */
+    return NULL;
+}
+
+static SSL_CTX *tls_context_new(const ch_config_t *cfg, char *err, size_t errlen)
+{
+    SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
+    SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+    SSL_CTX_set_options(ctx, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION | SSL_OP_CIPHER_SERVER_PREFERENCE);
+    SSL_CTX_set_cipher_list(ctx, "ECDHE+AESGCM:ECDHE+CHACHA20");
+    if (SSL_CTX_use_certificate_chain_file(ctx, cfg->tls_cert) != 1) {
+        snprintf(err, errlen, "could not load TLS certificate %s", cfg->tls_cert);
+        SSL_CTX_free(ctx);
+        return NULL;
+    }
+    if (SSL_CTX_use_PrivateKey_file(ctx, cfg->tls_key, SSL_FILETYPE_PEM) != 1 || SSL_CTX_check_private_key(ctx) != 1) {
+        snprintf(err, errlen, "could not load TLS key %s (or it does not match the certificate)", cfg->tls_key);
+        SSL_CTX_free(ctx);
+        return NULL;
+    }
+    h2o_ssl_register_alpn_protocols(ctx, h2o_http2_alpn_protocols);
+    return ctx;
+}
+
+static int routes_register(char *err, size_t errlen)
+{
+    ch_server.router = ch_router_new();
+    for (const ch_pg_stmt_t *const *s = ch_call_stmts; *s != NULL; ++s)
+        ch_pg_register(*s);
+    for (size_t m = 0; m < ch_nmodules; ++m) {
+        const ch_module_t *mod = ch_modules[m];
+        for (size_t i = 0; i < mod->nroutes; ++i)
+            if (ch_router_add(ch_server.router, &mod->routes[i], err, errlen) != 0)
+                return -1;
+        for (const ch_pg_stmt_t *const *s = mod->stmts; s != NULL && *s != NULL; ++s)
+            ch_pg_register(*s);
+    }
+    return 0;
+}
+
+int ch_server_run(const ch_config_t *config)
+{
+    char err[512];
+    ch_server.config = *config;
+    const ch_config_t *cfg = &ch_server.config;
+
+    if (routes_register(err, sizeof(err)) != 0) {
+        ch_log(CH_LOG_ERROR, "startup_failed", "%s", err);
+        return 2;
+    }
+    if (cfg->https_port != 0 && (ssl_ctx = tls_context_new(cfg, err, sizeof(err))) == NULL) {
+        ch_log(CH_LOG_ERROR, "startup_failed", "%s", err);
+        return 2;
+    }
+
+    h2o_config_init(&globalconf);
+    globalconf.server_name = h2o_iovec_init(H2O_STRLIT("cityhall"));
+    /* h2o answers HTTP/2 bodies over its own limit with REFUSED_STREAM; keep it above ours so clients see our 413 */
+    globalconf.max_request_entity_size = cfg->max_body_bytes * 8;
+    globalconf.http2.idle_timeout = cfg->idle_timeout_ms;
+    globalconf.http2.max_concurrent_requests_per_connection = cfg->http2_max_concurrent;
+    globalconf.http1.req_timeout = cfg->idle_timeout_ms;
+    h2o_hostconf_t *host = h2o_config_register_host(&globalconf, h2o_iovec_init(H2O_STRLIT("default")), 65535);
+    h2o_pathconf_t *path = h2o_config_register_path(host, "/", 0);
+    h2o_handler_t *handler = h2o_create_handler(path, sizeof(*handler));
+    handler->on_req = ch_call_on_req;
+
+    /* Open every listener before any thread starts, so a taken port fails start-up with a clear message. */
+    ch_server.nthreads = cfg->threads;
+    ch_server.threads = calloc(cfg->threads, sizeof(*ch_server.threads));
+    ch_thread_start_t *starts = calloc(cfg->threads, sizeof(*starts));
+    if (ch_server.threads == NULL || starts == NULL)
+        abort();
+    for (unsigned i = 0; i < cfg->threads; ++i) {
+        int ports[2] = {cfg->https_port, cfg->http_port};
+        for (int k = 0; k < 2; ++k) {
+            if (ports[k] == 0)
+                continue;
+            int fd = listener_open(cfg->listen, ports[k], err, sizeof(err));
+            if (fd < 0) {
+                ch_log(CH_LOG_ERROR, "startup_failed", "%s", err);
+                return 2;
+            }
+            ch_listener_t *l = &starts[i].listeners[starts[i].nlisteners++];
+            l->fd = fd;
+            l->accept_ctx.ssl_ctx = k == 0 ? ssl_ctx : NULL;
+        }
+    }
+
+    ch_pg_config_t pgcfg = {cfg->pg_conninfo, cfg->pg_conns, cfg->pg_queue_max, cfg->pg_timeout_ms,
+                            cfg->pg_timeout_ms < 5000 ? cfg->pg_timeout_ms : 5000};
+    ch_redis_config_t rcfg = {cfg->redis_host, cfg->redis_port, NULL, NULL, cfg->redis_timeout_ms, cfg->redis_queue_max};
+    for (unsigned i = 0; i < cfg->threads; ++i) {
+        ch_thread_t *t = calloc(1, sizeof(*t));
+        if (t == NULL || (t->logbuf = malloc(LOGBUF_CAP)) == NULL)
+            abort();
+        t->index = i;
+        t->loop = h2o_evloop_create();
+        h2o_context_init(&t->ctx, t->loop, &globalconf);
+        t->pg = ch_pg_pool_new(t->loop, &pgcfg);
+        t->redis = ch_redis_new(t->loop, &rcfg);
+        t->metrics = ch_metrics_new(ch_router_count(ch_server.router));
+        if (getrandom(&t->rng, sizeof(t->rng), 0) != sizeof(t->rng) || t->rng == 0)
+            t->rng = 0x9E3779B97F4A7C15ULL + i;
+        ch_server.threads[i] = t;
+        starts[i].thread = t;
+    }
+
+    /* Signals go to the main thread only; the loops poll the flag at least every 100 ms. */
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    for (unsigned i = 0; i < cfg->threads; ++i)
+        if (pthread_create(&starts[i].tid, NULL, thread_main, &starts[i]) != 0)
+            abort();
+    ch_log(CH_LOG_INFO, "listening", "https://%s:%d http://%s:%d threads=%u", cfg->listen, cfg->https_port, cfg->listen,
+           cfg->http_port, cfg->threads);
+
+    int sig = 0;
+    sigwait(&set, &sig);
+    ch_log(CH_LOG_INFO, "shutdown", "signal %d: finishing in-flight requests (at most %u ms)", sig,
+           cfg->shutdown_timeout_ms);
+    shutdown_requested = 1;
+    for (unsigned i = 0; i < cfg->threads; ++i)
+        pthread_join(starts[i].tid, NULL);
+    ch_log(CH_LOG_INFO, "stopped", "all threads finished");
+    return 0;
+}
