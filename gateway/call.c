@@ -183,6 +183,15 @@ const char *ch_call_idempotency_key(ch_call_t *call)
     return call->idem_key;
 }
 
+const char *ch_call_header(ch_call_t *call, const char *name)
+{
+    ssize_t i = h2o_find_header_by_str(&call->req->headers, name, strlen(name), -1);
+    if (i < 0)
+        return NULL;
+    h2o_iovec_t v = call->req->headers.entries[i].value;
+    return h2o_strdup(&call->req->pool, v.base, v.len).base;
+}
+
 unsigned ch_call_thread(ch_call_t *call)
 {
     return call->thread->index;

@@ -16,7 +16,7 @@ typedef struct ch_config {
     int http_port;            /* 0: no cleartext listener (h2c prior knowledge + HTTP/1.1) */
     char tls_cert[512];
     char tls_key[512];
-    char var_dir[512];
+    char var_dir[400];
     char pg_conninfo[1024];
     unsigned pg_conns;        /* per thread */
     unsigned pg_queue_max;    /* per thread */

@@ -167,12 +167,35 @@ int ch_router_add(ch_router_t *router, const ch_route_t *route, char *err, size_
     return 0;
 }
 
-/* Depth-first: a literal segment wins over a parameter; backtrack when the literal branch dead-ends. */
-static const ch_rnode_t *match_node(const ch_rnode_t *n, const char *p, const char *end, h2o_iovec_t *values,
-                                    size_t *nvalues)
+static int has_method(const ch_rnode_t *n, const char *method, size_t len)
 {
-    if (p == end)
-        return n->nmethods != 0 ? n : NULL;
+    for (size_t i = 0; i < n->nmethods; ++i) {
+        const char *m = n->methods[i].route->method;
+        if (strlen(m) == len && memcmp(m, method, len) == 0)
+            return 1;
+        /* HEAD is answered by the GET route, as HTTP requires. */
+        if (len == 4 && memcmp(method, "HEAD", 4) == 0 && strcmp(m, "GET") == 0)
+            return 1;
+    }
+    return 0;
+}
+
+/*
+ * Depth-first: a literal segment wins over a parameter; backtrack when the literal branch dead-ends or
+ * lacks the method. `*path_only` receives the first node whose path matched whatever its methods (for 405).
+ */
+static const ch_rnode_t *match_node(const ch_rnode_t *n, const char *method, size_t method_len, const char *p,
+                                    const char *end, h2o_iovec_t *values, size_t *nvalues, const ch_rnode_t **path_only)
+{
+    if (p == end) {
+        if (n->nmethods == 0)
+            return NULL;
+        if (has_method(n, method, method_len))
+            return n;
+        if (*path_only == NULL)
+            *path_only = n;
+        return NULL;
+    }
     const char *slash = memchr(p, '/', end - p);
     const char *seg_end = slash ? slash : end;
     size_t len = seg_end - p;
@@ -182,11 +205,11 @@ static const ch_rnode_t *match_node(const ch_rnode_t *n, const char *p, const ch
     if (slash != NULL && next == end)
         return NULL; /* trailing slash */
     const ch_rnode_t *c = literal_child(n, p, len), *found;
-    if (c != NULL && (found = match_node(c, next, end, values, nvalues)) != NULL)
+    if (c != NULL && (found = match_node(c, method, method_len, next, end, values, nvalues, path_only)) != NULL)
         return found;
     if (n->param != NULL && *nvalues < CH_MAX_PARAMS) {
         values[(*nvalues)++] = h2o_iovec_init(p, len);
-        if ((found = match_node(n->param, next, end, values, nvalues)) != NULL)
+        if ((found = match_node(n->param, method, method_len, next, end, values, nvalues, path_only)) != NULL)
             return found;
         --*nvalues;
     }
@@ -200,32 +223,32 @@ int ch_router_match(const ch_router_t *router, const char *method, size_t method
         return CH_MATCH_NO_PATH;
     h2o_iovec_t values[CH_MAX_PARAMS];
     size_t nvalues = 0;
-    const ch_rnode_t *n = match_node(&router->root, path + 1, path + path_len, values, &nvalues);
-    if (n == NULL)
-        return CH_MATCH_NO_PATH;
-    for (size_t i = 0; i < n->nmethods; ++i) {
-        const ch_route_t *r = n->methods[i].route;
-        int same = strlen(r->method) == method_len && memcmp(r->method, method, method_len) == 0;
-        /* HEAD is answered by the GET route, as HTTP requires. */
-        if (!same && method_len == 4 && memcmp(method, "HEAD", 4) == 0 && strcmp(r->method, "GET") == 0)
-            same = 1;
-        if (same) {
-            match->route = r;
-            match->route_index = n->methods[i].index;
-            match->nparams = n->methods[i].nnames;
-            for (size_t j = 0; j < match->nparams; ++j) {
-                match->param_names[j] = n->methods[i].names[j];
-                match->param_values[j] = values[j];
+    const ch_rnode_t *path_only = NULL;
+    const ch_rnode_t *n =
+        match_node(&router->root, method, method_len, path + 1, path + path_len, values, &nvalues, &path_only);
+    if (n != NULL) {
+        for (size_t i = 0; i < n->nmethods; ++i) {
+            const ch_route_t *r = n->methods[i].route;
+            if ((strlen(r->method) == method_len && memcmp(r->method, method, method_len) == 0) ||
+                (method_len == 4 && memcmp(method, "HEAD", 4) == 0 && strcmp(r->method, "GET") == 0)) {
+                match->route = r;
+                match->route_index = n->methods[i].index;
+                match->nparams = n->methods[i].nnames;
+                for (size_t j = 0; j < match->nparams; ++j) {
+                    match->param_names[j] = n->methods[i].names[j];
+                    match->param_values[j] = values[j];
+                }
+                return CH_MATCH_FOUND;
             }
-            return CH_MATCH_FOUND;
         }
     }
+    if (path_only == NULL)
+        return CH_MATCH_NO_PATH;
     if (allow != NULL && allow_len != 0) {
         size_t off = 0;
         allow[0] = '\0';
-        for (size_t i = 0; i < n->nmethods; ++i)
-            off += snprintf(allow + off, off < allow_len ? allow_len - off : 0, "%s%s", i ? ", " : "",
-                            n->methods[i].route->method);
+        for (size_t i = 0; i < path_only->nmethods && off < allow_len; ++i)
+            off += snprintf(allow + off, allow_len - off, "%s%s", i ? ", " : "", path_only->methods[i].route->method);
     }
     return CH_MATCH_NO_METHOD;
 }

@@ -197,7 +197,7 @@ static int routes_register(char *err, size_t errlen)
 
 int ch_server_run(const ch_config_t *config)
 {
-    char err[512];
+    char err[1100];
     ch_server.config = *config;
     const ch_config_t *cfg = &ch_server.config;
 
@@ -212,8 +212,12 @@ int ch_server_run(const ch_config_t *config)
 
     h2o_config_init(&globalconf);
     globalconf.server_name = h2o_iovec_init(H2O_STRLIT("cityhall"));
-    /* h2o answers HTTP/2 bodies over its own limit with REFUSED_STREAM; keep it above ours so clients see our 413 */
-    globalconf.max_request_entity_size = cfg->max_body_bytes * 8;
+    /*
+     * h2o 2.2.5 buffers whole bodies and answers HTTP/2 bodies over its own limit with REFUSED_STREAM,
+     * which clients retry. Keep its limit far above ours so clients see our 413; only bodies over this
+     * ceiling (16 MiB or 8 x ours) still meet h2o's reset, and the edge (HAProxy) caps bodies before that.
+     */
+    globalconf.max_request_entity_size = cfg->max_body_bytes * 8 > (16u << 20) ? cfg->max_body_bytes * 8 : (16u << 20);
     globalconf.http2.idle_timeout = cfg->idle_timeout_ms;
     globalconf.http2.max_concurrent_requests_per_connection = cfg->http2_max_concurrent;
     globalconf.http1.req_timeout = cfg->idle_timeout_ms;

@@ -671,6 +671,9 @@ class Gateway:
 
         try:
             wait_for(ready, timeout=timeout, interval=0.05, what="cityhall /healthz")
+        except AssertionError as e:
+            self._emergency_stop()
+            raise AssertionError(f"{e}\ngateway log:\n{_tail(self.logpath, 30)}") from None
         except BaseException:
             self._emergency_stop()
             raise
@@ -786,6 +789,9 @@ class Cluster:
     def close(self):
         """Stops the gateway, Redis and PostgreSQL by PID, then removes the folder."""
         errors = []
+        for srv in (self.pg, self.redis):  # a test may have failed with a server paused
+            if srv is not None:
+                srv.resume()
         if self.gateway is not None:
             try:
                 if self.gateway.running:

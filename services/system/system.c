@@ -113,7 +113,7 @@ static void system_echo(ch_call_t *call)
     resp->number = req->number;
     resp->n_tags = req->n_tags;
     resp->tags = req->tags;
-    const char *key = ch_call_idempotency_key(call);
+    const char *key = ch_call_header(call, "idempotency-key");
     resp->idempotency_key = (char *)(key != NULL ? key : "");
     ch_reply(call, 200, &resp->base);
 }

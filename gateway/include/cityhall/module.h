@@ -64,6 +64,8 @@ const ch_principal_t *ch_call_principal(ch_call_t *call);
 const char *ch_call_request_id(ch_call_t *call);
 /** The Idempotency-Key header of an idempotent route, or NULL. */
 const char *ch_call_idempotency_key(ch_call_t *call);
+/** A request header's value (NUL-terminated), or NULL; `name` in lower case. */
+const char *ch_call_header(ch_call_t *call, const char *name);
 /** The event loop (thread) index serving the call. */
 unsigned ch_call_thread(ch_call_t *call);
 /** The underlying h2o request, for raw routes; NULL once the client has gone. */

@@ -23,8 +23,10 @@ typedef struct ch_pg_query {
 /**
  * What a submission produced. `err` is 0 when every statement succeeded; otherwise CH_EDB (the server
  * refused a statement: `sqlstate` and `message` say why, nothing was committed), CH_ETIMEDOUT or
- * CH_EUNAVAIL (the outcome of a write is then unknown). `res[i]` is the result of query i (NULL when
- * err != 0). Everything is borrowed: valid only during the callback.
+ * CH_EUNAVAIL (the outcome of a write is then unknown), or CH_ECLOSED (the pool is being freed).
+ * `res[i]` is the result of query i (NULL when err != 0; `nres` is always the submission's n).
+ * `message` is also set, to a short fixed text, for the non-CH_EDB errors; `sqlstate` only for CH_EDB.
+ * Everything is borrowed: valid only during the callback (the results are PQclear-ed after it).
  */
 typedef struct ch_pg_result {
     int err;
@@ -46,19 +48,32 @@ typedef struct ch_pg_config {
 
 typedef struct ch_pg_pool ch_pg_pool_t;
 
-/** Registers a statement for every pool created afterwards (call before threads start). */
+/**
+ * Registers a statement for every pool created afterwards (call before threads start). `stmt` must stay
+ * valid for the life of the process (a static); names must be unique. Statements are prepared on each
+ * connection after it connects; one that fails to prepare is logged and fails alone when used (26000).
+ */
 void ch_pg_register(const ch_pg_stmt_t *stmt);
 
-/** Creates a pool on `loop` and starts connecting (asynchronously, with backoff on failure). */
+/**
+ * Creates a pool on `loop` and starts connecting (asynchronously, with backoff on failure). Give the
+ * server as an IP address or a unix socket path (a host name would be resolved on the loop). Zero config
+ * fields take defaults: 1 connection, queue_max 1024, timeout 5000 ms, connect timeout 2000 ms.
+ * Returns NULL when conninfo does not parse.
+ */
 ch_pg_pool_t *ch_pg_pool_new(h2o_loop_t *loop, const ch_pg_config_t *config);
-/** Closes every connection; pending callbacks are called with CH_ECLOSED. */
+/**
+ * Closes every connection; pending callbacks are called with CH_ECLOSED before it returns. Call it from
+ * the loop's thread but not from inside a ch_pg callback.
+ */
 void ch_pg_pool_free(ch_pg_pool_t *pool);
 
 /**
  * Runs `n` statements as one transaction (one pipeline sync: statements before a sync form one
  * implicit transaction, so either all commit or none). Parameters are copied. Returns 0 and later
  * calls `cb` exactly once, never before returning; or returns CH_EFULL / CH_EUNAVAIL / CH_ECLOSED
- * and never calls `cb`.
+ * and never calls `cb`. CH_EINVAL: n outside 1..256, no `cb`, or a statement not registered before
+ * the pool was created. `cb` may submit again (chaining is supported).
  */
 int ch_pg_submit(ch_pg_pool_t *pool, const ch_pg_query_t *queries, int n, ch_pg_cb cb, void *arg);
 
@@ -67,7 +82,9 @@ typedef struct ch_pg_stats {
     unsigned conns_up;
     unsigned queued;     /* waiting for a connection */
     unsigned inflight;   /* sent, waiting for results */
-    uint64_t timeouts, failures, reconnects;
+    uint64_t timeouts;   /* submissions failed with CH_ETIMEDOUT */
+    uint64_t failures;   /* connections lost or written off, and failed connection attempts */
+    uint64_t reconnects; /* connections re-established after having been up once */
 } ch_pg_stats_t;
 void ch_pg_pool_stats(ch_pg_pool_t *pool, ch_pg_stats_t *stats);
 

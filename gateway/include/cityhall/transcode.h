@@ -5,7 +5,7 @@
 #include <stddef.h>
 #include <protobuf-c/protobuf-c.h>
 
-/** A growable byte buffer backed by malloc; free with ch_buf_free. */
+/** A growable byte buffer backed by malloc; free with ch_buf_free. Once anything is appended, base[len] is a NUL. */
 typedef struct ch_buf {
     char *base;
     size_t len;
@@ -27,10 +27,11 @@ typedef struct ch_transcode_error {
 
 /**
  * Parses `len` bytes of JSON into a new message of type `desc`, allocated from `alloc` (pass a pool
- * allocator: nothing is freed by hand on success; on failure partial allocations stay in the pool).
- * An empty body (len == 0) is the empty message. Returns NULL and fills `err` when the document is
- * not valid JSON, is not an object, names an unknown field, has a value of the wrong type or out of
- * range, repeats a key, or nests deeper than CH_TRANSCODE_MAX_DEPTH.
+ * allocator: nothing is freed by hand on success; on failure partial allocations stay in the pool; `alloc`
+ * must not be NULL). An empty body (len == 0) is the empty message. Returns NULL and fills `err` when the
+ * document is not valid JSON, is not an object, names an unknown field, has a value of the wrong type or out
+ * of range, repeats a key, or nests deeper than CH_TRANSCODE_MAX_DEPTH. `err` may be NULL; its texts are
+ * always valid UTF-8 without control characters, fit to be put in a response body as they are.
  *
  * Mapping (proto3 JSON, proto field names in snake_case; lowerCamelCase names are also accepted):
  * 64-bit integers as strings or numbers; 32-bit integers as numbers (or numeric strings); enums by

@@ -1,0 +1,683 @@
+/* Drives gateway/pg.c against a real PostgreSQL given by conninfo: TAP checks of its contract, or an outage monitor. */
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <h2o.h>
+
+#include "cityhall/ch.h"
+#include "cityhall/pg.h"
+#include "../unit/tap.h"
+
+/* The gateway defines this elsewhere; the test links pg.c alone. */
+uint64_t ch_now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000 + (uint64_t)ts.tv_nsec / 1000;
+}
+
+static h2o_loop_t *loop;
+
+static const ch_pg_stmt_t st_create = {
+    "t_create", "CREATE TABLE IF NOT EXISTS ch_pg_loop_test (id bigint PRIMARY KEY, note text NOT NULL)", 0};
+static const ch_pg_stmt_t st_clear = {"t_clear", "DELETE FROM ch_pg_loop_test", 0};
+static const ch_pg_stmt_t st_add1 = {"t_add1", "SELECT $1::int + 1", 1};
+static const ch_pg_stmt_t st_insert = {"t_insert", "INSERT INTO ch_pg_loop_test (id, note) VALUES ($1, $2)", 2};
+static const ch_pg_stmt_t st_broken = {"t_broken", "SELECT * FROM ch_pg_no_such_table", 0};
+static const ch_pg_stmt_t st_count = {"t_count", "SELECT count(*) FROM ch_pg_loop_test WHERE id = ANY($1::bigint[])",
+                                      1};
+static const ch_pg_stmt_t st_sleep = {"t_sleep", "SELECT pg_sleep($1::float8)", 1};
+
+/* Set around every ch_pg_submit: a callback that sees it was called before submit returned. */
+static int in_submit, early_callbacks;
+
+static int submit(ch_pg_pool_t *pool, const ch_pg_query_t *q, int n, ch_pg_cb cb, void *arg)
+{
+    in_submit = 1;
+    int r = ch_pg_submit(pool, q, n, cb, arg);
+    in_submit = 0;
+    return r;
+}
+
+/* A one-shot capture of a submission's outcome; values copied out because results are borrowed. */
+typedef struct capture {
+    int done, err, nres;
+    char sqlstate[8];
+    char values[8][32];
+} capture_t;
+
+static void on_capture(void *arg, ch_pg_result_t *r)
+{
+    capture_t *c = arg;
+    early_callbacks += in_submit;
+    c->done = 1;
+    c->err = r->err;
+    c->nres = r->nres;
+    snprintf(c->sqlstate, sizeof(c->sqlstate), "%s", r->sqlstate != NULL ? r->sqlstate : "");
+    for (int i = 0; i < r->nres && i < 8; ++i) {
+        c->values[i][0] = '\0';
+        if (r->err == 0 && r->res[i] != NULL && PQntuples(r->res[i]) > 0)
+            snprintf(c->values[i], sizeof(c->values[i]), "%s", PQgetvalue(r->res[i], 0, 0));
+    }
+}
+
+static int run_until(const int *flag, uint64_t max_ms)
+{
+    uint64_t end = ch_now_us() + max_ms * 1000;
+    while (!*flag && ch_now_us() < end)
+        h2o_evloop_run(loop, 10);
+    return *flag;
+}
+
+static void run_for(uint64_t ms)
+{
+    uint64_t end = ch_now_us() + ms * 1000;
+    while (ch_now_us() < end)
+        h2o_evloop_run(loop, 10);
+}
+
+static int wait_up(ch_pg_pool_t *pool, unsigned want, uint64_t max_ms)
+{
+    uint64_t end = ch_now_us() + max_ms * 1000;
+    ch_pg_stats_t s;
+    for (;;) {
+        ch_pg_pool_stats(pool, &s);
+        if (s.conns_up >= want || ch_now_us() >= end)
+            return s.conns_up >= want;
+        h2o_evloop_run(loop, 10);
+    }
+}
+
+static capture_t run_one(ch_pg_pool_t *pool, const ch_pg_query_t *q, int n, int *submit_ret)
+{
+    capture_t c = {0};
+    *submit_ret = submit(pool, q, n, on_capture, &c);
+    if (*submit_ret == 0)
+        run_until(&c.done, 10000);
+    return c;
+}
+
+/* --- many submissions at once --- */
+
+typedef struct batch {
+    int total, done, ok, wrong, order_errors, last_seen;
+} batch_t;
+
+typedef struct batch_item {
+    batch_t *batch;
+    int i;
+} batch_item_t;
+
+static void on_batch(void *arg, ch_pg_result_t *r)
+{
+    batch_item_t *it = arg;
+    batch_t *b = it->batch;
+    early_callbacks += in_submit;
+    ++b->done;
+    if (r->err == 0 && r->nres == 1 && atoi(PQgetvalue(r->res[0], 0, 0)) == it->i + 1)
+        ++b->ok;
+    else
+        ++b->wrong;
+    if (it->i != b->last_seen + 1)
+        ++b->order_errors;
+    b->last_seen = it->i;
+}
+
+/* Submits `count` SELECT $1 + 1 at once; returns how many were accepted. */
+static int submit_batch(ch_pg_pool_t *pool, batch_t *b, batch_item_t *items, char (*bufs)[16], int count,
+                        int *first_err)
+{
+    int accepted = 0;
+    *first_err = 0;
+    b->last_seen = -1;
+    for (int i = 0; i != count; ++i) {
+        items[i].batch = b;
+        items[i].i = i;
+        snprintf(bufs[i], sizeof(bufs[i]), "%d", i);
+        const char *v[1] = {bufs[i]};
+        ch_pg_query_t q = {&st_add1, v, NULL};
+        int r = submit(pool, &q, 1, on_batch, &items[i]);
+        if (r != 0) {
+            *first_err = r;
+            break;
+        }
+        ++accepted;
+    }
+    b->total = accepted;
+    return accepted;
+}
+
+static int batch_finished(batch_t *b)
+{
+    return b->done == b->total;
+}
+
+static void run_batch(batch_t *b, uint64_t max_ms)
+{
+    uint64_t end = ch_now_us() + max_ms * 1000;
+    while (!batch_finished(b) && ch_now_us() < end)
+        h2o_evloop_run(loop, 10);
+}
+
+/* --- chained submissions from callbacks --- */
+
+typedef struct chain {
+    ch_pg_pool_t *pool;
+    int step, target, failed;
+    char buf[16];
+} chain_t;
+
+static void on_chain(void *arg, ch_pg_result_t *r)
+{
+    chain_t *c = arg;
+    early_callbacks += in_submit;
+    if (r->err != 0 || atoi(PQgetvalue(r->res[0], 0, 0)) != c->step + 1) {
+        c->failed = 1;
+        return;
+    }
+    if (++c->step == c->target)
+        return;
+    snprintf(c->buf, sizeof(c->buf), "%d", c->step);
+    const char *v[1] = {c->buf};
+    ch_pg_query_t q = {&st_add1, v, NULL};
+    if (submit(c->pool, &q, 1, on_chain, c) != 0)
+        c->failed = 1;
+}
+
+static int chain_over(chain_t *c)
+{
+    return c->failed || c->step == c->target;
+}
+
+/* --- throughput with a window of outstanding submissions --- */
+
+typedef struct window {
+    ch_pg_pool_t *pool;
+    int outstanding, window, remaining, done, errors;
+} window_t;
+
+static void window_fill(window_t *w);
+
+static void on_window(void *arg, ch_pg_result_t *r)
+{
+    window_t *w = arg;
+    --w->outstanding;
+    ++w->done;
+    w->errors += r->err != 0;
+    window_fill(w);
+}
+
+static void window_fill(window_t *w)
+{
+    static const char *v[1] = {"41"};
+    ch_pg_query_t q = {&st_add1, v, NULL};
+    while (w->outstanding < w->window && w->remaining > 0) {
+        if (ch_pg_submit(w->pool, &q, 1, on_window, w) != 0) {
+            ++w->errors;
+            --w->remaining;
+            continue;
+        }
+        ++w->outstanding;
+        --w->remaining;
+    }
+}
+
+/* A TCP port with nothing listening, and a listener that never accepts (the kernel completes the handshake). */
+static int closed_port(void)
+{
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t len = sizeof(sa);
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    bind(fd, (struct sockaddr *)&sa, sizeof(sa));
+    getsockname(fd, (struct sockaddr *)&sa, &len);
+    close(fd);
+    return ntohs(sa.sin_port);
+}
+
+static int silent_listener(int *port)
+{
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t len = sizeof(sa);
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    bind(fd, (struct sockaddr *)&sa, sizeof(sa));
+    listen(fd, 16);
+    getsockname(fd, (struct sockaddr *)&sa, &len);
+    *port = ntohs(sa.sin_port);
+    return fd;
+}
+
+static int run_tests(const char *conninfo)
+{
+    int r;
+    capture_t c;
+    ch_pg_stats_t st;
+
+    /* Phase 1: the table must exist before an INSERT into it can be prepared, so a first pool creates it. */
+    ch_pg_register(&st_create);
+    ch_pg_config_t setup_cfg = {conninfo, 1, 16, 5000, 2000};
+    ch_pg_pool_t *setup = ch_pg_pool_new(loop, &setup_cfg);
+    tap_ok(setup != NULL, "a pool is created from a valid conninfo");
+    ch_pg_query_t create = {&st_create, NULL, NULL};
+    c = run_one(setup, &create, 1, &r);
+    tap_ok(r == 0 && c.done && c.err == 0, "a submission queued while connecting runs once the connection is up "
+                                           "(err=%d submit=%d)", c.err, r);
+    ch_pg_pool_free(setup);
+
+    /* Phase 2: statements registered now are prepared by pools created from now on. */
+    ch_pg_register(&st_clear);
+    ch_pg_register(&st_add1);
+    ch_pg_register(&st_broken); /* fails to prepare; must not take the statements after it down */
+    ch_pg_register(&st_insert);
+    ch_pg_register(&st_count);
+    ch_pg_register(&st_sleep);
+    ch_pg_config_t cfg = {conninfo, 2, 20000, 5000, 2000};
+    ch_pg_pool_t *pool = ch_pg_pool_new(loop, &cfg);
+    tap_ok(wait_up(pool, 2, 5000), "both connections come up and prepare their statements");
+    {
+        ch_pg_query_t q = {&st_clear, NULL, NULL};
+        c = run_one(pool, &q, 1, &r);
+        tap_ok(c.err == 0, "a statement registered after the first pool was created is prepared by the next one");
+    }
+
+    {
+        const char *v[5][1] = {{"10"}, {"11"}, {"12"}, {"13"}, {"14"}};
+        ch_pg_query_t q[5];
+        for (int i = 0; i != 5; ++i)
+            q[i] = (ch_pg_query_t){&st_add1, v[i], NULL};
+        c = run_one(pool, q, 5, &r);
+        int inorder = c.done && c.err == 0 && c.nres == 5;
+        for (int i = 0; inorder && i != 5; ++i) {
+            char want[16];
+            snprintf(want, sizeof(want), "%d", 11 + i);
+            inorder = strcmp(c.values[i], want) == 0;
+        }
+        tap_ok(inorder, "the results of a 5-statement submission come back in statement order");
+    }
+
+    {
+        /* a value given with a length need not be NUL-terminated */
+        const char raw[3] = {'4', '1', 'x'};
+        const char *v[1] = {raw};
+        int len[1] = {2};
+        ch_pg_query_t q = {&st_add1, v, len};
+        c = run_one(pool, &q, 1, &r);
+        tap_is_str(c.values[0], "42", "a parameter passed with an explicit length is sent as exactly those bytes");
+    }
+
+    {
+        /* the caller's parameter buffers may be reused as soon as ch_pg_submit returns */
+        char buf[16] = "99";
+        const char *v[1] = {buf};
+        ch_pg_query_t q = {&st_add1, v, NULL};
+        capture_t cc = {0};
+        r = submit(pool, &q, 1, on_capture, &cc);
+        strcpy(buf, "1");
+        run_until(&cc.done, 5000);
+        tap_is_str(cc.values[0], "100", "parameters are copied at submission");
+    }
+
+    {
+        const int n = 1000;
+        batch_t b = {0};
+        batch_item_t *items = calloc(n, sizeof(*items));
+        char(*bufs)[16] = calloc(n, sizeof(*bufs));
+        ch_pg_config_t one_cfg = {conninfo, 1, 2000, 5000, 2000};
+        ch_pg_pool_t *one = ch_pg_pool_new(loop, &one_cfg);
+        wait_up(one, 1, 5000);
+        int first_err;
+        submit_batch(one, &b, items, bufs, n, &first_err);
+        run_batch(&b, 10000);
+        tap_ok(b.done == n && b.ok == n && b.order_errors == 0,
+               "on one connection, %d pipelined submissions complete in submission order, each with its own result "
+               "(ok=%d order_errors=%d)", n, b.ok, b.order_errors);
+        ch_pg_pool_free(one);
+        free(items);
+        free(bufs);
+    }
+
+    {
+        const int n = 10000;
+        batch_t b = {0};
+        batch_item_t *items = calloc(n, sizeof(*items));
+        char(*bufs)[16] = calloc(n, sizeof(*bufs));
+        int first_err;
+        uint64_t t0 = ch_now_us();
+        int accepted = submit_batch(pool, &b, items, bufs, n, &first_err);
+        run_batch(&b, 30000);
+        uint64_t us = ch_now_us() - t0;
+        tap_ok(accepted == n && b.done == n && b.ok == n, "%d pipelined submissions on 2 connections all complete "
+                                                          "(accepted=%d ok=%d)", n, accepted, b.ok);
+        printf("# %d submissions submitted at once: %.1f ms, %.0f/s\n", n, us / 1000.0, n * 1e6 / (double)us);
+        free(items);
+        free(bufs);
+    }
+
+    {
+        window_t w = {pool, 0, 512, 200000, 0, 0};
+        uint64_t t0 = ch_now_us();
+        window_fill(&w);
+        while (w.outstanding > 0)
+            h2o_evloop_run(loop, 10);
+        uint64_t us = ch_now_us() - t0;
+        tap_ok(w.done == 200000 && w.errors == 0, "200000 submissions through a window of 512 complete without errors");
+        printf("# throughput, pipelined prepared SELECT, 2 connections, one loop, window 512: %.0f submissions/s\n",
+               w.done * 1e6 / (double)us);
+    }
+
+    {
+        const char *a[2] = {"1001", "a"}, *b2[2] = {"1002", "b"}, *dup[2] = {"1001", "dup"};
+        ch_pg_query_t q[3] = {{&st_insert, a, NULL}, {&st_insert, b2, NULL}, {&st_insert, dup, NULL}};
+        c = run_one(pool, q, 3, &r);
+        tap_ok(c.done && c.err == CH_EDB, "a unique violation in the third statement fails the submission with CH_EDB "
+                                          "(err=%d)", c.err);
+        tap_is_str(c.sqlstate, "23505", "the failure carries sqlstate 23505");
+        const char *ids[1] = {"{1001,1002}"};
+        ch_pg_query_t cq = {&st_count, ids, NULL};
+        c = run_one(pool, &cq, 1, &r);
+        tap_is_str(c.values[0], "0", "the two statements before the failure were rolled back");
+    }
+
+    {
+        /* three submissions back to back on the same pipeline: the failure in the middle must not spill over */
+        const char *a[2] = {"2001", "a"}, *dup[2] = {"2001", "dup"}, *b2[2] = {"2002", "b"};
+        ch_pg_query_t q1 = {&st_insert, a, NULL}, q2[2] = {{&st_insert, b2, NULL}, {&st_insert, dup, NULL}};
+        const char *c3[2] = {"2003", "c"};
+        ch_pg_query_t q3 = {&st_insert, c3, NULL};
+        capture_t c1 = {0}, c2 = {0}, cc3 = {0};
+        ch_pg_config_t one_cfg = {conninfo, 1, 100, 5000, 2000};
+        ch_pg_pool_t *one = ch_pg_pool_new(loop, &one_cfg);
+        wait_up(one, 1, 5000);
+        submit(one, &q1, 1, on_capture, &c1);
+        submit(one, q2, 2, on_capture, &c2);
+        submit(one, &q3, 1, on_capture, &cc3);
+        run_until(&cc3.done, 5000);
+        tap_ok(c1.err == 0 && c2.err == CH_EDB && cc3.err == 0,
+               "a failed submission between two others on one pipeline affects only itself (%d %d %d)", c1.err, c2.err,
+               cc3.err);
+        const char *ids[1] = {"{2001,2002,2003}"};
+        ch_pg_query_t cq = {&st_count, ids, NULL};
+        c = run_one(one, &cq, 1, &r);
+        tap_is_str(c.values[0], "2", "the submissions around the failed one committed, the failed one did not");
+        ch_pg_pool_free(one);
+    }
+
+    {
+        ch_pg_query_t q = {&st_broken, NULL, NULL};
+        c = run_one(pool, &q, 1, &r);
+        tap_ok(c.err == CH_EDB && strcmp(c.sqlstate, "26000") == 0,
+               "a statement that failed to prepare fails alone with CH_EDB (sqlstate %s)", c.sqlstate);
+        const char *v[1] = {"1"};
+        ch_pg_query_t q2 = {&st_add1, v, NULL};
+        c = run_one(pool, &q2, 1, &r);
+        tap_is_str(c.values[0], "2", "the statements registered around it work");
+    }
+
+    {
+        static const ch_pg_stmt_t unregistered = {"t_unregistered", "SELECT 1", 0};
+        ch_pg_query_t q = {&unregistered, NULL, NULL};
+        capture_t cc = {0};
+        tap_ok(submit(pool, &q, 1, on_capture, &cc) == CH_EINVAL,
+               "an unregistered statement is refused with CH_EINVAL");
+    }
+
+    {
+        chain_t ch = {pool, 0, 100, 0, ""};
+        const char *v[1] = {"0"};
+        ch_pg_query_t q = {&st_add1, v, NULL};
+        submit(pool, &q, 1, on_chain, &ch);
+        uint64_t end = ch_now_us() + 10000000;
+        while (!chain_over(&ch) && ch_now_us() < end)
+            h2o_evloop_run(loop, 10);
+        tap_ok(ch.step == 100 && !ch.failed, "100 submissions chained from callbacks complete (step=%d)", ch.step);
+    }
+
+    {
+        /* a small pool to see the bound exactly */
+        ch_pg_config_t small_cfg = {conninfo, 2, 300, 5000, 2000};
+        ch_pg_pool_t *small = ch_pg_pool_new(loop, &small_cfg);
+        wait_up(small, 2, 5000);
+        const int n = 301;
+        batch_t b = {0};
+        batch_item_t *items = calloc(n, sizeof(*items));
+        char(*bufs)[16] = calloc(n, sizeof(*bufs));
+        int first_err;
+        int accepted = submit_batch(small, &b, items, bufs, n, &first_err);
+        tap_ok(accepted == 300 && first_err == CH_EFULL, "the submission beyond queue_max=300 is refused with "
+                                                          "CH_EFULL (accepted=%d err=%d)", accepted, first_err);
+        run_batch(&b, 10000);
+        tap_ok(b.done == 300 && b.ok == 300, "the 300 accepted submissions all complete");
+        const char *v[1] = {"1"};
+        ch_pg_query_t q = {&st_add1, v, NULL};
+        c = run_one(small, &q, 1, &r);
+        tap_ok(r == 0 && c.err == 0, "once drained, the pool accepts again");
+        ch_pg_pool_free(small);
+        free(items);
+        free(bufs);
+    }
+
+    {
+        /* a statement outliving its deadline: the connection is written off, the pool reconnects by itself */
+        ch_pg_config_t fast_cfg = {conninfo, 1, 100, 300, 2000};
+        ch_pg_pool_t *fast = ch_pg_pool_new(loop, &fast_cfg);
+        wait_up(fast, 1, 5000);
+        const char *sv[1] = {"2"}, *av[1] = {"5"};
+        ch_pg_query_t sq = {&st_sleep, sv, NULL}, aq = {&st_add1, av, NULL};
+        capture_t cs = {0}, ca = {0};
+        uint64_t t0 = ch_now_us();
+        submit(fast, &sq, 1, on_capture, &cs);
+        submit(fast, &aq, 1, on_capture, &ca);
+        run_until(&ca.done, 5000);
+        uint64_t ms = (ch_now_us() - t0) / 1000;
+        tap_ok(cs.err == CH_ETIMEDOUT && ms < 800, "a 2 s statement with a 300 ms deadline fails with CH_ETIMEDOUT "
+                                                  "after %llu ms", (unsigned long long)ms);
+        tap_ok(ca.err == CH_ETIMEDOUT, "the submission pipelined behind it on the written-off connection fails too");
+        tap_ok(wait_up(fast, 1, 3000), "the pool reconnects without any request needing it");
+        capture_t c2 = {0};
+        submit(fast, &aq, 1, on_capture, &c2);
+        run_until(&c2.done, 5000);
+        tap_ok(c2.err == 0 && strcmp(c2.values[0], "6") == 0, "and serves again");
+        ch_pg_pool_stats(fast, &st);
+        tap_ok(st.timeouts == 2 && st.reconnects == 1, "stats count 2 timeouts and 1 reconnect (%llu, %llu)",
+               (unsigned long long)st.timeouts, (unsigned long long)st.reconnects);
+        ch_pg_pool_free(fast);
+    }
+
+    {
+        /* a server that accepts TCP but never answers: queued submissions time out, then the pool says unavailable */
+        int port, lfd = silent_listener(&port);
+        char ci[128];
+        snprintf(ci, sizeof(ci), "host=127.0.0.1 port=%d dbname=x user=x", port);
+        ch_pg_config_t hang_cfg = {ci, 1, 100, 200, 600};
+        ch_pg_pool_t *hang = ch_pg_pool_new(loop, &hang_cfg);
+        const char *v[1] = {"1"};
+        ch_pg_query_t q = {&st_add1, v, NULL};
+        capture_t cq = {0};
+        r = submit(hang, &q, 1, on_capture, &cq);
+        uint64_t t0 = ch_now_us();
+        run_until(&cq.done, 3000);
+        uint64_t ms = (ch_now_us() - t0) / 1000;
+        tap_ok(r == 0 && cq.err == CH_ETIMEDOUT && ms >= 150 && ms < 500,
+               "a submission queued behind a connect attempt that hangs times out with CH_ETIMEDOUT (%llu ms)",
+               (unsigned long long)ms);
+        run_for(700); /* past connect_timeout_ms */
+        capture_t cu = {0};
+        tap_ok(submit(hang, &q, 1, on_capture, &cu) == CH_EUNAVAIL,
+               "once the attempt timed out, submissions are refused at once with CH_EUNAVAIL");
+        ch_pg_pool_free(hang);
+        close(lfd);
+    }
+
+    {
+        char ci[128];
+        snprintf(ci, sizeof(ci), "hostaddr=127.0.0.1 port=%d dbname=x user=x", closed_port());
+        ch_pg_config_t dead_cfg = {ci, 2, 100, 1000, 1000};
+        ch_pg_pool_t *dead = ch_pg_pool_new(loop, &dead_cfg);
+        const char *v[1] = {"1"};
+        ch_pg_query_t q = {&st_add1, v, NULL};
+        capture_t cq = {0};
+        r = submit(dead, &q, 1, on_capture, &cq);
+        if (r == 0)
+            run_until(&cq.done, 3000);
+        tap_ok(r == CH_EUNAVAIL || cq.err == CH_EUNAVAIL,
+               "a submission to a refused server fails with CH_EUNAVAIL (submit=%d cb=%d)", r, cq.err);
+        run_for(50);
+        capture_t cu = {0};
+        tap_ok(submit(dead, &q, 1, on_capture, &cu) == CH_EUNAVAIL, "and later ones are refused synchronously");
+        ch_pg_pool_free(dead);
+    }
+
+    {
+        const char *sv[1] = {"0.5"};
+        ch_pg_query_t sq = {&st_sleep, sv, NULL};
+        capture_t cs = {0};
+        submit(pool, &sq, 1, on_capture, &cs);
+        ch_pg_pool_stats(pool, &st);
+        tap_ok(st.inflight == 1 && st.queued == 0 && st.conns_up == 2, "stats show 1 in flight on 2 connections");
+        ch_pg_pool_free(pool);
+        tap_ok(cs.done && cs.err == CH_ECLOSED, "freeing the pool calls the pending callback with CH_ECLOSED");
+    }
+
+    tap_ok(early_callbacks == 0, "no callback ran before its ch_pg_submit returned (%d did)", early_callbacks);
+    return tap_done();
+}
+
+/* --- outage mode: a steady stream, per-second counts on stdout --- */
+
+typedef struct stream {
+    ch_pg_pool_t *pool;
+    int outstanding, window;
+    unsigned long ok, unavail, timedout, full, db, closed, other;
+    h2o_timeout_t tick;
+    h2o_timeout_entry_t tick_entry;
+    uint64_t started, next_report;
+    int second, seconds, stop;
+} stream_t;
+
+static void stream_fill(stream_t *s);
+
+static void on_stream(void *arg, ch_pg_result_t *r)
+{
+    stream_t *s = arg;
+    --s->outstanding;
+    switch (r->err) {
+    case 0:
+        ++s->ok;
+        break;
+    case CH_EUNAVAIL:
+        ++s->unavail;
+        break;
+    case CH_ETIMEDOUT:
+        ++s->timedout;
+        break;
+    case CH_EDB:
+        ++s->db;
+        break;
+    case CH_ECLOSED:
+        ++s->closed;
+        break;
+    default:
+        ++s->other;
+    }
+    if (r->err == 0 && !s->stop)
+        stream_fill(s);
+}
+
+static void stream_fill(stream_t *s)
+{
+    static const char *v[1] = {"1"};
+    ch_pg_query_t q = {&st_add1, v, NULL};
+    while (s->outstanding < s->window) {
+        int r = ch_pg_submit(s->pool, &q, 1, on_stream, s);
+        if (r == CH_EUNAVAIL) {
+            ++s->unavail;
+            return; /* try again at the next tick, as a client would after Retry-After */
+        } else if (r == CH_EFULL) {
+            ++s->full;
+            return;
+        } else if (r != 0) {
+            ++s->other;
+            return;
+        }
+        ++s->outstanding;
+    }
+}
+
+static void on_stream_tick(h2o_timeout_entry_t *entry)
+{
+    stream_t *s = H2O_STRUCT_FROM_MEMBER(stream_t, tick_entry, entry);
+    uint64_t now = ch_now_us();
+
+    if (now >= s->next_report) {
+        ch_pg_stats_t st;
+        ch_pg_pool_stats(s->pool, &st);
+        ++s->second;
+        printf("t=%d ok=%lu unavail=%lu timedout=%lu full=%lu db=%lu other=%lu conns_up=%u queued=%u inflight=%u "
+               "reconnects=%llu failures=%llu\n",
+               s->second, s->ok, s->unavail, s->timedout, s->full, s->db, s->other, st.conns_up, st.queued,
+               st.inflight, (unsigned long long)st.reconnects, (unsigned long long)st.failures);
+        fflush(stdout);
+        s->ok = s->unavail = s->timedout = s->full = s->db = s->other = 0;
+        s->next_report += 1000000;
+        if (s->second >= s->seconds) {
+            s->stop = 1;
+            return;
+        }
+    }
+    stream_fill(s);
+    h2o_timeout_link(loop, &s->tick, &s->tick_entry);
+}
+
+static int run_outage(const char *conninfo, int seconds)
+{
+    ch_pg_register(&st_add1);
+    ch_pg_config_t cfg = {conninfo, 2, 256, 1000, 1000};
+    stream_t s = {0};
+    s.pool = ch_pg_pool_new(loop, &cfg);
+    if (s.pool == NULL)
+        return 2;
+    s.window = 64;
+    s.seconds = seconds;
+    s.started = ch_now_us();
+    s.next_report = s.started + 1000000;
+    h2o_timeout_init(loop, &s.tick, 5);
+    s.tick_entry.cb = on_stream_tick;
+    h2o_timeout_link(loop, &s.tick, &s.tick_entry);
+    while (!s.stop)
+        h2o_evloop_run(loop, 10);
+    /* let what is in flight finish (bounded by the submission timeout), then close the rest */
+    uint64_t end = ch_now_us() + 3000000;
+    while (s.outstanding > 0 && ch_now_us() < end)
+        h2o_evloop_run(loop, 10);
+    int left = s.outstanding;
+    ch_pg_pool_free(s.pool);
+    h2o_timeout_unlink(&s.tick_entry);
+    h2o_timeout_dispose(loop, &s.tick);
+    printf("# done: %d were still outstanding after 3 s, %lu closed at free, %d never called back\n", left, s.closed,
+           s.outstanding);
+    return s.outstanding == 0 ? 0 : 1;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2) {
+        fprintf(stderr, "usage: %s CONNINFO [outage [SECONDS]]\n", argv[0]);
+        return 2;
+    }
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    loop = h2o_evloop_create();
+    int rc;
+    if (argc >= 3 && strcmp(argv[2], "outage") == 0)
+        rc = run_outage(argv[1], argc >= 4 ? atoi(argv[3]) : 10);
+    else
+        rc = run_tests(argv[1]);
+    /* let h2o free the sockets it closed */
+    h2o_evloop_run(loop, 0);
+    h2o_evloop_destroy(loop);
+    return rc;
+}
