@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <arpa/inet.h>
 #include <openssl/evp.h>
 #include "gateway.h"
 #include "cityhall/transcode.h"
@@ -448,6 +449,64 @@ int ch_call_redis(ch_call_t *call, ch_call_redis_cb cb, int argc, const char **a
     return ret;
 }
 
+typedef struct ch_call_work_op {
+    ch_call_t *call;
+    ch_work_fn work;
+    ch_call_work_cb done;
+    size_t size;
+    _Alignas(16) unsigned char arg[];
+} ch_call_work_op_t;
+
+static void on_work(void *p)
+{
+    ch_call_work_op_t *op = p;
+    op->work(op->arg);
+}
+
+static void on_work_done(void *p)
+{
+    ch_call_work_op_t *op = p;
+    ch_call_t *call = op->call;
+    if (call->req != NULL && !call->answered)
+        op->done(call, op->arg);
+    call_release(call);
+    free(op);
+}
+
+int ch_call_work(ch_call_t *call, ch_work_fn work, ch_call_work_cb done, const void *arg, size_t size)
+{
+    ch_call_work_op_t *op = malloc(sizeof(*op) + size);
+    if (op == NULL)
+        abort();
+    op->call = call;
+    op->work = work;
+    op->done = done;
+    op->size = size;
+    memcpy(op->arg, arg, size);
+    ++call->refs;
+    int ret = ch_work_submit(call->thread, on_work, on_work_done, op);
+    if (ret != 0) {
+        --call->refs;
+        free(op);
+    }
+    return ret;
+}
+
+const char *ch_call_peer(ch_call_t *call)
+{
+    struct sockaddr_storage ss;
+    socklen_t len = call->req->conn->callbacks->get_peername(call->req->conn, (struct sockaddr *)&ss);
+    char *out = h2o_mem_alloc_pool(&call->req->pool, INET6_ADDRSTRLEN);
+    out[0] = '\0';
+    if (len != 0) {
+        if (ss.ss_family == AF_INET)
+            inet_ntop(AF_INET, &((struct sockaddr_in *)&ss)->sin_addr, out, INET6_ADDRSTRLEN);
+        else if (ss.ss_family == AF_INET6)
+            inet_ntop(AF_INET6, &((struct sockaddr_in6 *)&ss)->sin6_addr, out, INET6_ADDRSTRLEN);
+    }
+    return out;
+}
+
 /* ---- idempotency: the key is claimed in the same transaction as the write it protects ---- */
 
 static const ch_pg_stmt_t stmt_idem_get = {
@@ -690,7 +749,7 @@ static int authenticate_or_respond(ch_call_t *call)
     }
     ch_principal_t *p = h2o_mem_alloc_pool(&req->pool, sizeof(*p));
     memset(p, 0, sizeof(*p));
-    if (ch_server.authenticate == NULL || ch_server.authenticate(v.base + 7, v.len - 7, &req->pool, p) != 0) {
+    if (ch_auth_verify(call->thread, v.base + 7, v.len - 7, &req->pool, p) != 0) {
         ch_fail(call, CH_CODE_UNAUTHENTICATED, "the token is not valid");
         return -1;
     }

@@ -44,6 +44,7 @@ static const ch_config_key_t keys[] = {
     KEY_UINT(shutdown_timeout_ms, 0, 600000),
     KEY_UINT(http2_max_concurrent, 1, 256),
     KEY_UINT(idle_timeout_ms, 100, 3600000),
+    KEY_UINT(workers, 1, 64),
 };
 
 void ch_config_defaults(ch_config_t *cfg)
@@ -66,6 +67,7 @@ void ch_config_defaults(ch_config_t *cfg)
     cfg->shutdown_timeout_ms = 10000;
     cfg->http2_max_concurrent = 100;
     cfg->idle_timeout_ms = 60000;
+    cfg->workers = 2;
 }
 
 static void set_err(char *err, size_t errlen, const char *fmt, ...)

@@ -6,30 +6,9 @@
 #include <stdint.h>
 #include <h2o.h>
 #include "cityhall/module.h"
+#include "cityhall/config.h"
 
-/* ---- configuration (config.c) ---- */
-
-typedef struct ch_config {
-    unsigned threads;
-    char listen[64];          /* address of both listeners */
-    int https_port;           /* 0: no TLS listener */
-    int http_port;            /* 0: no cleartext listener (h2c prior knowledge + HTTP/1.1) */
-    char tls_cert[512];
-    char tls_key[512];
-    char var_dir[400];
-    char pg_conninfo[1024];
-    unsigned pg_conns;        /* per thread */
-    unsigned pg_queue_max;    /* per thread */
-    unsigned pg_timeout_ms;
-    char redis_host[64];
-    int redis_port;
-    unsigned redis_timeout_ms;
-    unsigned redis_queue_max;
-    size_t max_body_bytes;
-    unsigned shutdown_timeout_ms;
-    unsigned http2_max_concurrent; /* streams handled at once per connection */
-    unsigned idle_timeout_ms;
-} ch_config_t;
+/* ---- configuration (config.c): ch_config_t itself is in cityhall/config.h ---- */
 
 void ch_config_defaults(ch_config_t *cfg);
 /** Sets one key ("http_port", ...); fills `err` and returns CH_EINVAL for an unknown key or bad value. */
@@ -95,14 +74,12 @@ typedef struct ch_thread {
     uint64_t rng;
     char *logbuf;
     size_t loglen;
+    void *auth;         /* auth.c's per-thread state (verified-token cache) */
+    void *work;         /* work.c's per-thread completion queue */
 } ch_thread_t;
-
-/** Verifies a bearer token and fills the principal (strings from `pool`); 0 when valid. */
-typedef int (*ch_authenticate_fn)(const char *token, size_t len, h2o_mem_pool_t *pool, ch_principal_t *principal);
 
 typedef struct ch_server {
     ch_config_t config;
-    ch_authenticate_fn authenticate; /* NULL until an identity module installs one: every non-public route is 401 */
     ch_router_t *router;
     unsigned nthreads;
     ch_thread_t **threads;
@@ -115,6 +92,22 @@ void ch_server_log_append(ch_thread_t *thread, const char *line, size_t len);
 
 /** Runs the server until SIGTERM/SIGINT; returns the process exit status. */
 int ch_server_run(const ch_config_t *config);
+
+/* ---- authentication (auth.c) ---- */
+
+/** Loads the data keys and the access-token keyring, and the revoked sessions (blocking: before threads). */
+int ch_auth_init(const ch_config_t *config, char *err, size_t errlen);
+/** Per-thread state and the Redis subscription to revocations; called on the thread's loop before serving. */
+void ch_auth_thread_init(ch_thread_t *thread);
+/** Verifies a bearer token; fills `principal` (strings from `pool`). Returns 0, or CH_EINVAL for any refusal. */
+int ch_auth_verify(ch_thread_t *thread, const char *token, size_t len, h2o_mem_pool_t *pool, ch_principal_t *principal);
+
+/* ---- worker threads for CPU-heavy steps (work.c) ---- */
+
+int ch_work_init(unsigned nworkers, unsigned queue_max);
+void ch_work_thread_init(ch_thread_t *thread);
+/** Queues `work(arg)` on a worker, then `done(arg)` on `thread`'s loop. CH_EFULL when the queue is full. */
+int ch_work_submit(ch_thread_t *thread, void (*work)(void *), void (*done)(void *), void *arg);
 
 /* ---- the request pipeline (call.c) ---- */
 

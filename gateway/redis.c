@@ -40,7 +40,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/eventfd.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 #include <fcntl.h>
@@ -465,6 +468,18 @@ static void start_connect(ch_redis_conn_t *conn)
         return;
     }
 
+    /* hiredis 0.14 opens its socket without close-on-exec */
+    fcntl(ac->c.fd, F_SETFD, FD_CLOEXEC);
+    if (r->unix_path == NULL) {
+        /* a vanished host sends no RST; keepalive notices within ~30 s even on the subscriber connection,
+           which carries no commands that could time out (hiredis' own helper poisons the context on error) */
+        int on = 1, idle = 15, intvl = 5, cnt = 3;
+        setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &on, sizeof(on));
+        setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle));
+        setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, sizeof(intvl));
+        setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof(cnt));
+    }
+
     conn->ac = ac;
     ac->data = conn;
     conn->sock = h2o_evloop_socket_create(r->loop, fd, H2O_SOCKET_FLAG_DONT_READ);
@@ -515,7 +530,7 @@ static void on_heartbeat(h2o_timeout_entry_t *entry)
 {
     ch_redis_t *r = H2O_STRUCT_FROM_MEMBER(ch_redis_t, heartbeat, entry);
     h2o_timeout_link(r->loop, &r->heartbeat_timeout, &r->heartbeat);
-    /* an idle connection is probed so that a hung server is noticed (and `connected` is true)
+    /* an idle connection is probed so that a hung server is noticed (and `connected` stays truthful)
        without waiting for the next user command to time out */
     if (conn_usable(&r->cmd) && r->cmd.ninflight == 0 && !r->sent_since_heartbeat)
         send_internal(&r->cmd, REQ_HEARTBEAT, "PING");
@@ -763,6 +778,9 @@ static int check_command(const char *cmd, size_t len)
     const char *name = strchr(p, '\n');
     if (name == NULL || n <= 0 || (size_t)(++name - cmd) + (size_t)n > len)
         return CH_EINVAL;
+    char first = (char)(name[0] | 0x20);
+    if (first != 's' && first != 'p' && first != 'u' && first != 'm')
+        return 0;
     static const char *const forbidden[] = {"subscribe",    "psubscribe",   "ssubscribe", "unsubscribe",
                                             "punsubscribe", "sunsubscribe", "monitor"};
     for (size_t i = 0; i < sizeof(forbidden) / sizeof(forbidden[0]); ++i)

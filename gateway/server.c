@@ -18,6 +18,11 @@
 
 ch_server_t ch_server;
 
+const ch_config_t *ch_config(void)
+{
+    return &ch_server.config;
+}
+
 static h2o_globalconf_t globalconf;
 static SSL_CTX *ssl_ctx;
 static volatile sig_atomic_t shutdown_requested;
@@ -116,6 +121,8 @@ static void *thread_main(void *arg)
     ch_thread_t *thread = start->thread;
     const ch_config_t *cfg = &ch_server.config;
 
+    ch_work_thread_init(thread);
+    ch_auth_thread_init(thread);
     for (size_t i = 0; i < start->nlisteners; ++i) {
         ch_listener_t *l = &start->listeners[i];
         l->accept_ctx.ctx = &thread->ctx;
@@ -181,6 +188,12 @@ static SSL_CTX *tls_context_new(const ch_config_t *cfg, char *err, size_t errlen
 
 static int routes_register(char *err, size_t errlen)
 {
+    for (size_t m = 0; m < ch_nmodules; ++m) {
+        if (ch_modules[m]->init != NULL && ch_modules[m]->init(&ch_server.config) != 0) {
+            snprintf(err, errlen, "module %s failed to start", ch_modules[m]->name);
+            return -1;
+        }
+    }
     ch_server.router = ch_router_new();
     for (const ch_pg_stmt_t *const *s = ch_call_stmts; *s != NULL; ++s)
         ch_pg_register(*s);
@@ -202,6 +215,10 @@ int ch_server_run(const ch_config_t *config)
     const ch_config_t *cfg = &ch_server.config;
 
     if (routes_register(err, sizeof(err)) != 0) {
+        ch_log(CH_LOG_ERROR, "startup_failed", "%s", err);
+        return 2;
+    }
+    if (ch_auth_init(cfg, err, sizeof(err)) != 0 || ch_work_init(cfg->workers, 1024) != 0) {
         ch_log(CH_LOG_ERROR, "startup_failed", "%s", err);
         return 2;
     }

@@ -1119,13 +1119,13 @@ static bool decode_json_string(const char *s, size_t n, char *out, size_t cap)
                 tmp[0] = '\t';
                 break;
             case 'u':
-                for (int k = 0; k < 4 && i < n; k++, i++) {
+                for (size_t k = 0; k < 4 && i < n; k++, i++) {
                     char h = s[i];
                     cp = cp << 4 | (uint32_t)(h <= '9' ? h - '0' : (h | 0x20) - 'a' + 10);
                 }
                 if (cp >= 0xd800 && cp <= 0xdbff && i + 6 <= n && s[i] == '\\' && s[i + 1] == 'u') {
                     uint32_t lo = 0;
-                    for (int k = 0; k < 4; k++) {
+                    for (size_t k = 0; k < 4; k++) {
                         char h = s[i + 2 + k];
                         lo = lo << 4 | (uint32_t)(h <= '9' ? h - '0' : (h | 0x20) - 'a' + 10);
                     }
@@ -1831,12 +1831,19 @@ static void emit_message(ch_buf_t *out, const ProtobufCMessage *msg, int depth)
         if (f->label != PROTOBUF_C_LABEL_REPEATED && f->type == PROTOBUF_C_TYPE_MESSAGE &&
             *(ProtobufCMessage *const *)member == NULL)
             continue;
+        /* `,"name":` in one write: field names are identifiers and need no escaping. */
+        size_t nlen = strlen(f->name);
+        ch_buf_reserve(out, nlen + 4);
+        char *o = out->base + out->len;
         if (!first)
-            PUT_LIT(out, ",");
+            *o++ = ',';
         first = false;
-        PUT_LIT(out, "\"");
-        ch_buf_append(out, f->name, strlen(f->name));
-        PUT_LIT(out, "\":");
+        *o++ = '"';
+        memcpy(o, f->name, nlen);
+        o += nlen;
+        *o++ = '"';
+        *o++ = ':';
+        out->len = (size_t)(o - out->base);
         if (f->label != PROTOBUF_C_LABEL_REPEATED) {
             emit_value(out, f, member, depth + 1);
             continue;

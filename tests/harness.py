@@ -15,8 +15,9 @@ The API (kept small and stable):
         .port .pid .cli(*args) .ping() .stop() .kill() .start() .pause() .resume() .running
     Gateway(tmpdir, pg, redis, threads=2, env=None)
                                             build/cityhall serve, configured by environment only
-        .http_port .https_port .pid .url(path, tls) .request(path, ...) .run(*args) .migrate()
-        .start() .stop() -> exit code .terminate() .wait() .kill() .log_text() .running
+        .http_port .https_port .pid .env .url(path, tls) .request(path, ...) .run(*args)
+        .migrate() .start() .stop() -> exit code .terminate() .wait() .kill() .running
+        .log_text() .log_json() (the JSON lines of its stderr)
     Cluster(threads=2, env=None, gateway=True)
                                             context manager: one temp folder, the three above
         .tmpdir .pg .redis .gateway .ensure_running() .close()
@@ -25,7 +26,10 @@ The API (kept small and stable):
     Response: .status .headers (dict, lower-case names) .body (bytes) .http_version .json() .text
     CurlError: curl failed without an HTTP response (.rc is curl's exit code, 7 = refused)
     pb_encode(fields) / pb_decode(data) / pb_int64(u) / Fixed32 / Fixed64: protobuf wire format
-    Skip: raise it in a test to report it as skipped
+    Skip: raise it in a test to report it as skipped (Gateway raises it when not built)
+    ROOT, BUILD, gateway_binary(): the repository, the build dir ($CITYHALL_BUILD or build/),
+                                   and build/cityhall in it
+    started_gateways(): every Gateway created in this process (the runner prints their logs)
 
 Every process is started in its own session (a Ctrl-C on the runner does not reach it), is
 stopped by PID, and is killed by an atexit hook if the caller forgot; when started from the main

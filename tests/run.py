@@ -13,6 +13,9 @@ none (it starts its own). Between tests the shared cluster is brought back up if
 server stopped or paused. A test raises harness.Skip("why") to be skipped. Each test is bounded
 by an alarm (`TIMEOUT = seconds` in the module, default 120).
 
+The build directory is $CITYHALL_BUILD or build/. Integration tests are skipped when
+build/cityhall is missing, except with CI=true, where that is a failure.
+
 Prints PASS/FAIL/SKIP per test (a failure with its message and the tail of the gateway log) and
 ends with exactly one line "N passed, N failed, N skipped"; exits 1 if anything failed.
 """

@@ -181,6 +181,11 @@ static void test_int64_kinds(void)
     rejects("{\"int64_value\":false}", "int64_value", "expected integer", "false into int64");
     rejects("{\"string_value\":99999999999999999999}", "", "invalid JSON at line 1 column ...",
             "a huge number into a string field");
+    rejects("{\"int32_list\":[1,99999999999999999999]}", "int32_list[1]", "value out of range for int32",
+            "a huge number in a list of int32");
+    rejects("{\"uint64_value\":18446744073709551615,\"labels\":{\"a\":\"1\",\"a\":2}}", "labels[\"a\"]",
+            "duplicate key", "a repeated key after a huge number");
+    rejects("{\"bogus\":1e400}", "", "invalid JSON at line 1 column ...", "a huge number under an unknown name");
 }
 
 static void test_floats(void)
@@ -457,6 +462,13 @@ static void test_timestamps(void)
                    strcmp(err.message, "invalid RFC 3339 timestamp") == 0,
                "timestamp '%s' is refused", bad[i]);
     }
+    /* A Timestamp on its own is a JSON string, in both directions. */
+    ProtobufCMessage *tsm = ch_json_to_pb(&google__protobuf__timestamp__descriptor, "\"2020-01-01T00:00:00.5Z\"", 24,
+                                          ch_arena_allocator(arena), &err);
+    tap_ok(tsm != NULL && ((Google__Protobuf__Timestamp *)tsm)->seconds == 1577836800 &&
+               ((Google__Protobuf__Timestamp *)tsm)->nanos == 500000000,
+           "a top-level Timestamp parses from a string");
+    tap_is_str(encode(tsm), "\"2020-01-01T00:00:00.500Z\"", "a top-level Timestamp encodes as a string");
     rejects("{\"created_at\":1700000000}", "created_at", "expected string", "a number into a timestamp");
     rejects("{\"created_at\":{\"seconds\":1}}", "created_at", "expected string", "an object into a timestamp");
     rejects("{\"events\":[\"2021-06-01T00:00:00Z\",\"x\"]}", "events[1]", "invalid RFC 3339 timestamp",

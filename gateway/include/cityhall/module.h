@@ -6,6 +6,7 @@
 #include <h2o.h>
 #include <protobuf-c/protobuf-c.h>
 #include "cityhall/ch.h"
+#include "cityhall/config.h"
 #include "cityhall/pg.h"
 #include "cityhall/redis.h"
 
@@ -34,21 +35,39 @@ typedef struct ch_route {
     unsigned flags;
 } ch_route_t;
 
+/**
+ * A subcommand of the `cityhall` binary (`cityhall staff add ...`). It runs off any event loop, so
+ * blocking libpq (PQconnectdb, PQexec) is fine there. `argv[0]` is the command name; returns the exit status.
+ */
+typedef struct ch_command {
+    const char *name;   /* e.g. "staff add", "keys rotate" (the words after `cityhall`) */
+    const char *usage;  /* one line: arguments and what it does */
+    int (*run)(const ch_config_t *config, int argc, char **argv);
+} ch_command_t;
+
 /** What a service module declares, once. The gateway lists the modules in gateway/modules.c. */
 typedef struct ch_module {
     const char *name;
     const ch_route_t *routes;
     size_t nroutes;
     const ch_pg_stmt_t *const *stmts; /* NULL-terminated; prepared on every PostgreSQL connection */
+    const ch_command_t *commands;     /* NULL or NULL-name-terminated */
+    /** Called once by `cityhall serve` before threads start (load keys...); non-zero aborts start-up. */
+    int (*init)(const ch_config_t *config);
+    /** Called by `cityhall seed` (off the loop); prints what a newcomer needs to stdout. */
+    int (*seed)(const ch_config_t *config, int argc, char **argv);
 } ch_module_t;
 
 /** Who is calling, as established by the gateway from the bearer token. */
 typedef struct ch_principal {
     unsigned role;          /* exactly one CH_ROLE_* */
-    const char *subject;    /* account id */
+    const char *subject;    /* account id (citizen id, staff id, kiosk device id, client id) */
     const char *session_id;
     const char *dept;       /* department code (staff, dept), or NULL */
-    const char *actor;      /* the staff member acting for a citizen, or NULL */
+    const char *hall;       /* service hall (staff, kiosk), or NULL */
+    const char *actor;      /* the staff member acting for a citizen (`act` claim), or NULL */
+    const char *device;     /* the kiosk a citizen session is bound to, or NULL */
+    int64_t expires_at;     /* the token's exp (Unix seconds) */
 } ch_principal_t;
 
 /* ---- reading the call ---- */
@@ -111,6 +130,19 @@ int ch_call_pg_commit(ch_call_t *call, const ch_pg_query_t *queries, int n, int 
                       ch_call_pg_cb cb);
 /** Sends one Redis command on this thread's connection. On error returns CH_E* and never calls cb. */
 int ch_call_redis(ch_call_t *call, ch_call_redis_cb cb, int argc, const char **argv, const size_t *argvlen);
+
+/**
+ * Runs `work` on a worker thread (for CPU-heavy steps such as argon2id), then `done` back on the call's
+ * loop. `arg` (`size` bytes) is copied into memory owned by the gateway: `work` may write to it, `done`
+ * reads it; it is freed after `done`, or without `done` when the client has gone. Returns CH_EFULL
+ * when the worker queue is full, and then never calls either function.
+ */
+typedef void (*ch_work_fn)(void *arg);
+typedef void (*ch_call_work_cb)(ch_call_t *call, void *arg);
+int ch_call_work(ch_call_t *call, ch_work_fn work, ch_call_work_cb done, const void *arg, size_t size);
+
+/** The client's IP address as text (for per-IP limits; never logged with personal data). */
+const char *ch_call_peer(ch_call_t *call);
 
 /** Per-call scratch pointer for the handler's own state across callbacks. */
 void ch_call_set_data(ch_call_t *call, void *data);
