@@ -8,6 +8,7 @@
 #include <openssl/evp.h>
 #include "gateway.h"
 #include "cityhall/transcode.h"
+#include "cityhall/audit.h"
 #include "common/v1/common.pb-c.h"
 
 struct ch_call {
@@ -515,7 +516,7 @@ static const ch_pg_stmt_t stmt_idem_get = {
 static const ch_pg_stmt_t stmt_idem_claim = {
     "ch_idem_claim", "INSERT INTO idempotency_keys (scope, key, route, request_hash, status, response) "
                      "VALUES ($1, $2, $3, decode($4, 'hex'), $5::int, decode($6, 'hex'))", 6};
-const ch_pg_stmt_t *const ch_call_stmts[] = {&stmt_idem_get, &stmt_idem_claim, NULL};
+const ch_pg_stmt_t *const ch_call_stmts[] = {&stmt_idem_get, &stmt_idem_claim, &ch_audit_stmt_append, NULL};
 
 static const char *idem_scope(ch_call_t *call)
 {
