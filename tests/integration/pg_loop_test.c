@@ -265,8 +265,10 @@ static int run_tests(const char *conninfo)
     tap_ok(setup != NULL, "a pool is created from a valid conninfo");
     ch_pg_query_t create = {&st_create, NULL, NULL};
     c = run_one(setup, &create, 1, &r);
-    tap_ok(r == 0 && c.done && c.err == 0, "a submission queued while connecting runs once the connection is up "
-                                           "(err=%d submit=%d)", c.err, r);
+    tap_ok(r == 0 && c.done && c.err == 0,
+           "a submission queued while connecting runs once the connection is up "
+           "(err=%d submit=%d)",
+           c.err, r);
     ch_pg_pool_free(setup);
 
     /* Phase 2: statements registered now are prepared by pools created from now on. */
@@ -335,7 +337,8 @@ static int run_tests(const char *conninfo)
         run_batch(&b, 10000);
         tap_ok(b.done == n && b.ok == n && b.order_errors == 0,
                "on one connection, %d pipelined submissions complete in submission order, each with its own result "
-               "(ok=%d order_errors=%d)", n, b.ok, b.order_errors);
+               "(ok=%d order_errors=%d)",
+               n, b.ok, b.order_errors);
         ch_pg_pool_free(one);
         free(items);
         free(bufs);
@@ -351,8 +354,10 @@ static int run_tests(const char *conninfo)
         int accepted = submit_batch(pool, &b, items, bufs, n, &first_err);
         run_batch(&b, 30000);
         uint64_t us = ch_now_us() - t0;
-        tap_ok(accepted == n && b.done == n && b.ok == n, "%d pipelined submissions on 2 connections all complete "
-                                                          "(accepted=%d ok=%d)", n, accepted, b.ok);
+        tap_ok(accepted == n && b.done == n && b.ok == n,
+               "%d pipelined submissions on 2 connections all complete "
+               "(accepted=%d ok=%d)",
+               n, accepted, b.ok);
         printf("# %d submissions submitted at once: %.1f ms, %.0f/s\n", n, us / 1000.0, n * 1e6 / (double)us);
         free(items);
         free(bufs);
@@ -374,8 +379,10 @@ static int run_tests(const char *conninfo)
         const char *a[2] = {"1001", "a"}, *b2[2] = {"1002", "b"}, *dup[2] = {"1001", "dup"};
         ch_pg_query_t q[3] = {{&st_insert, a, NULL}, {&st_insert, b2, NULL}, {&st_insert, dup, NULL}};
         c = run_one(pool, q, 3, &r);
-        tap_ok(c.done && c.err == CH_EDB, "a unique violation in the third statement fails the submission with CH_EDB "
-                                          "(err=%d)", c.err);
+        tap_ok(c.done && c.err == CH_EDB,
+               "a unique violation in the third statement fails the submission with CH_EDB "
+               "(err=%d)",
+               c.err);
         tap_is_str(c.sqlstate, "23505", "the failure carries sqlstate 23505");
         const char *ids[1] = {"{1001,1002}"};
         ch_pg_query_t cq = {&st_count, ids, NULL};
@@ -448,8 +455,10 @@ static int run_tests(const char *conninfo)
         char(*bufs)[16] = calloc(n, sizeof(*bufs));
         int first_err;
         int accepted = submit_batch(small, &b, items, bufs, n, &first_err);
-        tap_ok(accepted == 300 && first_err == CH_EFULL, "the submission beyond queue_max=300 is refused with "
-                                                          "CH_EFULL (accepted=%d err=%d)", accepted, first_err);
+        tap_ok(accepted == 300 && first_err == CH_EFULL,
+               "the submission beyond queue_max=300 is refused with "
+               "CH_EFULL (accepted=%d err=%d)",
+               accepted, first_err);
         run_batch(&b, 10000);
         tap_ok(b.done == 300 && b.ok == 300, "the 300 accepted submissions all complete");
         const char *v[1] = {"1"};
@@ -474,8 +483,10 @@ static int run_tests(const char *conninfo)
         submit(fast, &aq, 1, on_capture, &ca);
         run_until(&ca.done, 5000);
         uint64_t ms = (ch_now_us() - t0) / 1000;
-        tap_ok(cs.err == CH_ETIMEDOUT && ms < 800, "a 2 s statement with a 300 ms deadline fails with CH_ETIMEDOUT "
-                                                  "after %llu ms", (unsigned long long)ms);
+        tap_ok(cs.err == CH_ETIMEDOUT && ms < 800,
+               "a 2 s statement with a 300 ms deadline fails with CH_ETIMEDOUT "
+               "after %llu ms",
+               (unsigned long long)ms);
         tap_ok(ca.err == CH_ETIMEDOUT, "the submission pipelined behind it on the written-off connection fails too");
         tap_ok(wait_up(fast, 1, 3000), "the pool reconnects without any request needing it");
         capture_t c2 = {0};
@@ -619,8 +630,8 @@ static void on_stream_tick(h2o_timeout_entry_t *entry)
         ++s->second;
         printf("t=%d ok=%lu unavail=%lu timedout=%lu full=%lu db=%lu other=%lu conns_up=%u queued=%u inflight=%u "
                "reconnects=%llu failures=%llu\n",
-               s->second, s->ok, s->unavail, s->timedout, s->full, s->db, s->other, st.conns_up, st.queued,
-               st.inflight, (unsigned long long)st.reconnects, (unsigned long long)st.failures);
+               s->second, s->ok, s->unavail, s->timedout, s->full, s->db, s->other, st.conns_up, st.queued, st.inflight,
+               (unsigned long long)st.reconnects, (unsigned long long)st.failures);
         fflush(stdout);
         s->ok = s->unavail = s->timedout = s->full = s->db = s->other = 0;
         s->next_report += 1000000;
