@@ -16,9 +16,9 @@
 
 /* A submission may not carry more statements than this; it keeps one allocation small and bounded. */
 #define CH_PG_MAX_QUERIES 256
-#define CH_PG_MAX_CONNS 64
+#define CH_PG_MAX_CONNS   64
 /* Granularity of reconnect backoff and connect deadlines; only armed while some connection is not up. */
-#define CH_PG_TICK_MS 10
+#define CH_PG_TICK_MS        10
 #define CH_PG_BACKOFF_MIN_MS 50
 #define CH_PG_BACKOFF_MAX_MS 2000
 /* A connection that breaks sooner than this after coming up keeps growing its backoff, so a server that accepts
@@ -34,9 +34,12 @@ enum conn_state {
 
 typedef struct ch_pg_conn ch_pg_conn_t;
 
+enum { STMT_PREPARED, STMT_UNPREPARED, STMT_PREPARING };
+
 /* One query of a submission, pointing into the submission's own copy of its parameters. */
 typedef struct ch_pg_subq {
     const ch_pg_stmt_t *stmt;
+    size_t idx; /* in pool->stmts */
     const char **values;
 } ch_pg_subq_t;
 
@@ -54,6 +57,9 @@ typedef struct ch_pg_sub {
     PGresult *err_res; /* the first failure, source of sqlstate and message */
     PGresult **res;
     ch_pg_subq_t *q;
+    size_t *prep; /* statements re-prepared in front of the queries (indexes in pool->stmts), up to n */
+    int nprep;
+    int pgot; /* results of those prepares received so far */
 } ch_pg_sub_t;
 
 struct ch_pg_conn {
@@ -67,8 +73,11 @@ struct ch_pg_conn {
     h2o_linklist_t inflight; /* in send order, which is the order results come back */
     unsigned ninflight;
     unsigned prepared; /* statements whose prepare has completed (sync received) */
-    int broken;        /* CH_E* to tear down with at the next safe point; set where callbacks must not run */
-    int poke;          /* results may sit in libpq's buffer without the socket being readable */
+    /* Per statement: 0 prepared, STMT_UNPREPARED when preparing it failed (its table may not exist yet: `serve`
+     * started before `migrate`), STMT_PREPARING while a retry is in the pipeline. */
+    unsigned char *stmt_state;
+    int broken; /* CH_E* to tear down with at the next safe point; set where callbacks must not run */
+    int poke;   /* results may sit in libpq's buffer without the socket being readable */
     int ever_up;
     unsigned attempts; /* consecutive failed attempts, the backoff exponent */
     uint64_t due_at;   /* ms on the loop clock */
@@ -83,6 +92,7 @@ struct ch_pg_pool {
     uint64_t connect_timeout_ms;
     const ch_pg_stmt_t **stmts; /* snapshot of the registry when the pool was created */
     size_t nstmts;
+    unsigned char *stmt_states; /* nconns x nstmts, see ch_pg_conn.stmt_state */
     h2o_linklist_t queue;
     unsigned nqueued, ninflight;
     /* False after a connection attempt failed and until one succeeds: with no connection up, submissions are
@@ -94,7 +104,7 @@ struct ch_pg_pool {
     h2o_timeout_t deadline_timeout; /* timeout_ms, one entry per submission */
     h2o_timeout_t tick_timeout;     /* CH_PG_TICK_MS, drives backoff and connect deadlines */
     h2o_timeout_entry_t tick_entry;
-    h2o_timeout_t defer_timeout;    /* 0 ms: runs at the end of this loop iteration, outside any caller's stack */
+    h2o_timeout_t defer_timeout; /* 0 ms: runs at the end of this loop iteration, outside any caller's stack */
     h2o_timeout_entry_t defer_entry;
     ch_pg_conn_t conns[];
 };
@@ -141,8 +151,9 @@ static void log_event(const char *level, const char *event, int conn, const char
     clock_gettime(CLOCK_REALTIME, &ts);
     gmtime_r(&ts.tv_sec, &tm);
     strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%S", &tm);
-    fprintf(stderr, "{\"ts\":\"%s.%03dZ\",\"level\":\"%s\",\"component\":\"pg\",\"event\":\"%s\",\"conn\":%d,"
-                    "\"detail\":\"%s\"}\n",
+    fprintf(stderr,
+            "{\"ts\":\"%s.%03dZ\",\"level\":\"%s\",\"component\":\"pg\",\"event\":\"%s\",\"conn\":%d,"
+            "\"detail\":\"%s\"}\n",
             when, (int)(ts.tv_nsec / 1000000), level, event, conn, buf);
 }
 
@@ -233,12 +244,13 @@ static ch_pg_conn_t *pool_pick_conn(ch_pg_pool_t *pool)
     return best;
 }
 
-static int pool_knows(ch_pg_pool_t *pool, const ch_pg_stmt_t *stmt)
+/* The statement's index in the pool's snapshot of the registry, or -1 when it was not registered in time. */
+static long pool_stmt_index(ch_pg_pool_t *pool, const ch_pg_stmt_t *stmt)
 {
     for (size_t i = 0; i != pool->nstmts; ++i)
         if (pool->stmts[i] == stmt)
-            return 1;
-    return 0;
+            return (long)i;
+    return -1;
 }
 
 /* --- completing submissions --- */
@@ -324,6 +336,23 @@ static void conn_dispatch(ch_pg_conn_t *conn, ch_pg_sub_t *sub)
     ++conn->ninflight;
     ++pool->ninflight;
 
+    /* A statement that failed to prepare on this connection is prepared again in front of the queries, inside the
+     * same sync: it heals once its table exists, and while it does not, the caller sees the real error (42P01)
+     * rather than 26000. The prepare is not rolled back with the transaction if a later statement fails. */
+    sub->nprep = sub->pgot = 0;
+    for (int i = 0; i != sub->n; ++i) {
+        size_t idx = sub->q[i].idx;
+        if (conn->stmt_state[idx] != STMT_UNPREPARED)
+            continue;
+        const ch_pg_stmt_t *stmt = sub->q[i].stmt;
+        if (!PQsendPrepare(conn->pq, stmt->name, stmt->sql, stmt->nparams, NULL)) {
+            conn_mark_broken(conn, CH_EUNAVAIL);
+            return;
+        }
+        /* later submissions are queued behind this prepare, so they must not send it again (42P05) */
+        conn->stmt_state[idx] = STMT_PREPARING;
+        sub->prep[sub->nprep++] = idx;
+    }
     for (int i = 0; i != sub->n; ++i) {
         const ch_pg_stmt_t *stmt = sub->q[i].stmt;
         if (!PQsendQueryPrepared(conn->pq, stmt->name, stmt->nparams, sub->q[i].values, NULL, NULL, 0)) {
@@ -480,6 +509,7 @@ static void conn_connected(ch_pg_conn_t *conn)
         return;
     }
     PQsetNoticeProcessor(conn->pq, on_notice, NULL);
+    memset(conn->stmt_state, STMT_PREPARED, pool->nstmts);
     /* a sync after each prepare isolates a statement that fails to prepare (say, a missing migration) instead
      * of aborting every statement after it; it costs no round trip, the whole batch is still one flight */
     for (size_t i = 0; i != pool->nstmts; ++i) {
@@ -585,6 +615,7 @@ static void on_prepare_result(ch_pg_conn_t *conn, PGresult *res)
         const char *msg = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
         snprintf(detail, sizeof(detail), "%s: %s", pool->stmts[conn->prepared]->name, msg != NULL ? msg : "?");
         log_event("error", "prepare_failed", (int)conn->idx, detail);
+        conn->stmt_state[conn->prepared] = STMT_UNPREPARED;
     }
     PQclear(res);
 }
@@ -655,11 +686,17 @@ static void conn_process(ch_pg_conn_t *conn)
             else
                 PQclear(res);
             sub->err = CH_EDB;
-            ++sub->ngot;
+            if (sub->pgot < sub->nprep)
+                conn->stmt_state[sub->prep[sub->pgot++]] = STMT_UNPREPARED;
+            else
+                ++sub->ngot;
             break;
         case PGRES_PIPELINE_ABORTED:
             PQclear(res);
-            ++sub->ngot;
+            if (sub->pgot < sub->nprep)
+                conn->stmt_state[sub->prep[sub->pgot++]] = STMT_UNPREPARED;
+            else
+                ++sub->ngot;
             break;
         case PGRES_COPY_IN:
         case PGRES_COPY_OUT:
@@ -668,10 +705,14 @@ static void conn_process(ch_pg_conn_t *conn)
             conn_mark_broken(conn, CH_EUNAVAIL); /* COPY cannot be driven through this API */
             break;
         default:
-            if (sub->ngot < sub->n)
-                sub->res[sub->ngot++] = res;
-            else
+            if (sub->pgot < sub->nprep) {
+                conn->stmt_state[sub->prep[sub->pgot++]] = STMT_PREPARED;
                 PQclear(res);
+            } else if (sub->ngot < sub->n) {
+                sub->res[sub->ngot++] = res;
+            } else {
+                PQclear(res);
+            }
             break;
         }
     }
@@ -843,10 +884,12 @@ ch_pg_pool_t *ch_pg_pool_new(h2o_loop_t *loop, const ch_pg_config_t *config)
     pool->tick_entry.cb = on_tick;
     pool->defer_entry.cb = on_defer;
 
+    pool->stmt_states = h2o_mem_alloc(nconns * pool->nstmts + 1);
     for (unsigned i = 0; i != nconns; ++i) {
         ch_pg_conn_t *conn = &pool->conns[i];
         conn->pool = pool;
         conn->idx = i;
+        conn->stmt_state = pool->stmt_states + i * pool->nstmts;
         h2o_linklist_init_anchor(&conn->inflight);
         conn_close(conn);
     }
@@ -884,6 +927,7 @@ void ch_pg_pool_free(ch_pg_pool_t *pool)
     fail_list(pool, &list, CH_ECLOSED, "shutting down");
 
     free(pool->stmts);
+    free(pool->stmt_states);
     free(pool->conninfo);
     free(pool);
 }
@@ -900,7 +944,7 @@ int ch_pg_submit(ch_pg_pool_t *pool, const ch_pg_query_t *queries, int n, ch_pg_
         return CH_EINVAL;
     for (int i = 0; i != n; ++i) {
         const ch_pg_stmt_t *stmt = queries[i].stmt;
-        if (stmt == NULL || !pool_knows(pool, stmt))
+        if (stmt == NULL || pool_stmt_index(pool, stmt) < 0)
             return CH_EINVAL;
         if (stmt->nparams != 0 && queries[i].values == NULL)
             return CH_EINVAL;
@@ -921,7 +965,8 @@ int ch_pg_submit(ch_pg_pool_t *pool, const ch_pg_query_t *queries, int n, ch_pg_
         return CH_EUNAVAIL;
 
     /* one allocation: the submission, its queries, result slots, parameter pointers, then parameter bytes */
-    size = sizeof(*sub) + (size_t)n * (sizeof(ch_pg_subq_t) + sizeof(PGresult *)) + nvalues * sizeof(char *) + nbytes;
+    size = sizeof(*sub) + (size_t)n * (sizeof(ch_pg_subq_t) + sizeof(PGresult *) + sizeof(size_t)) +
+           nvalues * sizeof(char *) + nbytes;
     sub = h2o_mem_alloc(size);
     memset(sub, 0, sizeof(*sub));
     sub->pool = pool;
@@ -930,12 +975,14 @@ int ch_pg_submit(ch_pg_pool_t *pool, const ch_pg_query_t *queries, int n, ch_pg_
     sub->n = n;
     sub->q = (ch_pg_subq_t *)(sub + 1);
     sub->res = (PGresult **)(sub->q + n);
-    const char **vp = (const char **)(sub->res + n);
+    sub->prep = (size_t *)(sub->res + n);
+    const char **vp = (const char **)(sub->prep + n);
     char *bytes = (char *)(vp + nvalues);
     for (int i = 0; i != n; ++i) {
         const ch_pg_stmt_t *stmt = queries[i].stmt;
         sub->res[i] = NULL;
         sub->q[i].stmt = stmt;
+        sub->q[i].idx = (size_t)pool_stmt_index(pool, stmt);
         sub->q[i].values = vp;
         for (int j = 0; j != stmt->nparams; ++j) {
             const char *v = queries[i].values[j];

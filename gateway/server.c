@@ -277,6 +277,11 @@ int ch_server_run(const ch_config_t *config)
         h2o_context_init(&t->ctx, t->loop, &globalconf);
         t->pg = ch_pg_pool_new(t->loop, &pgcfg);
         t->redis = ch_redis_new(t->loop, &rcfg);
+        if (t->pg == NULL || t->redis == NULL) {
+            ch_log(CH_LOG_ERROR, "startup_failed", "%s", t->pg == NULL ? "pg_conninfo does not parse"
+                                                                       : "redis_host must be an IP address");
+            return 2;
+        }
         t->metrics = ch_metrics_new(ch_router_count(ch_server.router));
         if (getrandom(&t->rng, sizeof(t->rng), 0) != sizeof(t->rng) || t->rng == 0)
             t->rng = 0x9E3779B97F4A7C15ULL + i;

@@ -33,6 +33,9 @@ static const ch_pg_stmt_t st_broken = {"t_broken", "SELECT * FROM ch_pg_no_such_
 static const ch_pg_stmt_t st_count = {"t_count", "SELECT count(*) FROM ch_pg_loop_test WHERE id = ANY($1::bigint[])",
                                       1};
 static const ch_pg_stmt_t st_sleep = {"t_sleep", "SELECT pg_sleep($1::float8)", 1};
+static const ch_pg_stmt_t st_drop_late = {"t_drop_late", "DROP TABLE IF EXISTS ch_pg_loop_late", 0};
+static const ch_pg_stmt_t st_create_late = {"t_create_late", "CREATE TABLE ch_pg_loop_late (id int)", 0};
+static const ch_pg_stmt_t st_late = {"t_late", "SELECT count(*) FROM ch_pg_loop_late", 0};
 
 /* Set around every ch_pg_submit: a callback that sees it was called before submit returned. */
 static int in_submit, early_callbacks;
@@ -260,11 +263,12 @@ static int run_tests(const char *conninfo)
 
     /* Phase 1: the table must exist before an INSERT into it can be prepared, so a first pool creates it. */
     ch_pg_register(&st_create);
+    ch_pg_register(&st_drop_late);
     ch_pg_config_t setup_cfg = {conninfo, 1, 16, 5000, 2000};
     ch_pg_pool_t *setup = ch_pg_pool_new(loop, &setup_cfg);
     tap_ok(setup != NULL, "a pool is created from a valid conninfo");
-    ch_pg_query_t create = {&st_create, NULL, NULL};
-    c = run_one(setup, &create, 1, &r);
+    ch_pg_query_t create[2] = {{&st_create, NULL, NULL}, {&st_drop_late, NULL, NULL}};
+    c = run_one(setup, create, 2, &r);
     tap_ok(r == 0 && c.done && c.err == 0,
            "a submission queued while connecting runs once the connection is up "
            "(err=%d submit=%d)",
@@ -278,6 +282,8 @@ static int run_tests(const char *conninfo)
     ch_pg_register(&st_insert);
     ch_pg_register(&st_count);
     ch_pg_register(&st_sleep);
+    ch_pg_register(&st_create_late);
+    ch_pg_register(&st_late); /* its table does not exist yet, as when `serve` starts before `migrate` */
     ch_pg_config_t cfg = {conninfo, 2, 20000, 5000, 2000};
     ch_pg_pool_t *pool = ch_pg_pool_new(loop, &cfg);
     tap_ok(wait_up(pool, 2, 5000), "both connections come up and prepare their statements");
@@ -417,12 +423,34 @@ static int run_tests(const char *conninfo)
     {
         ch_pg_query_t q = {&st_broken, NULL, NULL};
         c = run_one(pool, &q, 1, &r);
-        tap_ok(c.err == CH_EDB && strcmp(c.sqlstate, "26000") == 0,
-               "a statement that failed to prepare fails alone with CH_EDB (sqlstate %s)", c.sqlstate);
+        tap_ok(c.err == CH_EDB && strcmp(c.sqlstate, "42P01") == 0,
+               "a statement that cannot be prepared fails alone with CH_EDB and the server's reason (sqlstate %s)",
+               c.sqlstate);
         const char *v[1] = {"1"};
         ch_pg_query_t q2 = {&st_add1, v, NULL};
         c = run_one(pool, &q2, 1, &r);
         tap_is_str(c.values[0], "2", "the statements registered around it work");
+    }
+
+    {
+        ch_pg_query_t q = {&st_late, NULL, NULL};
+        c = run_one(pool, &q, 1, &r);
+        tap_ok(c.err == CH_EDB && strcmp(c.sqlstate, "42P01") == 0,
+               "a statement whose table is missing fails with the server's reason, 42P01 (got %s)", c.sqlstate);
+        ch_pg_query_t cq = {&st_create_late, NULL, NULL};
+        c = run_one(pool, &cq, 1, &r);
+        tap_ok(c.err == 0, "its table is created");
+        /* four at once: both connections, and a second use pipelined behind the first one's prepare */
+        capture_t cs[4] = {{0}};
+        for (int i = 0; i != 4; ++i)
+            submit(pool, &q, 1, on_capture, &cs[i]);
+        run_until(&cs[3].done, 5000);
+        run_until(&cs[2].done, 5000);
+        int allok = 1;
+        for (int i = 0; i != 4; ++i)
+            allok &= cs[i].done && cs[i].err == 0 && strcmp(cs[i].values[0], "0") == 0;
+        tap_ok(allok, "then it works on every connection without a reconnect (%d %d %d %d)", cs[0].err, cs[1].err,
+               cs[2].err, cs[3].err);
     }
 
     {

@@ -51,7 +51,9 @@ typedef struct ch_pg_pool ch_pg_pool_t;
 /**
  * Registers a statement for every pool created afterwards (call before threads start). `stmt` must stay
  * valid for the life of the process (a static); names must be unique. Statements are prepared on each
- * connection after it connects; one that fails to prepare is logged and fails alone when used (26000).
+ * connection after it connects. One that fails to prepare (say, its table is not migrated yet) is logged,
+ * and prepared again in front of its next use on that connection: it heals once the schema is there,
+ * and until then a submission using it fails alone with CH_EDB and the server's reason (e.g. 42P01).
  */
 void ch_pg_register(const ch_pg_stmt_t *stmt);
 
