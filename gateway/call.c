@@ -399,7 +399,7 @@ void ch_reply(ch_call_t *call, int status, const ProtobufCMessage *msg)
     send_response(call, status, call->respond_pb ? ct_pb : ct_json, body.base, body.len, 0);
 }
 
-static void vfail(ch_call_t *call, ch_code_t code, const char *field, const char *fmt, va_list ap)
+static void vfail(ch_call_t *call, ch_code_t code, const char *field, int retry_after, const char *fmt, va_list ap)
 {
     char message[512];
     vsnprintf(message, sizeof(message), fmt, ap);
@@ -419,15 +419,24 @@ static void vfail(ch_call_t *call, ch_code_t code, const char *field, const char
     resp.error = &err;
     h2o_iovec_t body = encode_message(call, &resp.base);
     int status = ch_code_status(code);
-    send_response(call, status, call->respond_pb ? ct_pb : ct_json, body.base, body.len,
-                  status == 503 || status == 429 ? 1 : 0);
+    if (retry_after <= 0 && (status == 503 || status == 429))
+        retry_after = 1;
+    send_response(call, status, call->respond_pb ? ct_pb : ct_json, body.base, body.len, retry_after);
 }
 
 void ch_fail(ch_call_t *call, ch_code_t code, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
-    vfail(call, code, NULL, fmt, ap);
+    vfail(call, code, NULL, 0, fmt, ap);
+    va_end(ap);
+}
+
+void ch_fail_retry_after(ch_call_t *call, ch_code_t code, int retry_after_s, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vfail(call, code, NULL, retry_after_s, fmt, ap);
     va_end(ap);
 }
 
@@ -435,7 +444,7 @@ static void fail_field(ch_call_t *call, ch_code_t code, const char *field, const
 {
     va_list ap;
     va_start(ap, fmt);
-    vfail(call, code, field, fmt, ap);
+    vfail(call, code, field, 0, fmt, ap);
     va_end(ap);
 }
 

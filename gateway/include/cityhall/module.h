@@ -104,6 +104,9 @@ ProtobufCAllocator *ch_call_allocator(ch_call_t *call);
 void ch_reply(ch_call_t *call, int status, const ProtobufCMessage *msg);
 /** Answers the error shape; the message is for people and never carries personal data. */
 void ch_fail(ch_call_t *call, ch_code_t code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+/** Like ch_fail, with an explicit Retry-After (seconds) for 429 and 503 (ch_fail sends 1). */
+void ch_fail_retry_after(ch_call_t *call, ch_code_t code, int retry_after_s, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
 /** Answers a CH_E* return code: 503 + Retry-After for CH_EFULL/CH_EUNAVAIL/CH_ETIMEDOUT, 500 otherwise. */
 void ch_fail_err(ch_call_t *call, int err);
 /** Answers a raw body (CH_ROUTE_RAW routes); `body` is copied. */
