@@ -2,11 +2,13 @@
 #include "gateway.h"
 
 extern const ch_module_t ch_ops_module;
+extern const ch_module_t ch_keys_module;
 extern const ch_module_t system_module;
 extern const ch_module_t identity_module;
 
 const ch_module_t *const ch_modules[] = {
     &ch_ops_module,
+    &ch_keys_module,
     &system_module,
     &identity_module,
 };

@@ -24,6 +24,8 @@
 /* A connection that breaks sooner than this after coming up keeps growing its backoff, so a server that accepts
  * and immediately drops us is not hammered with reconnects. */
 #define CH_PG_STABLE_MS 1000
+/* A read aborted by batch-mates' failures this many times is sent alone next, where nobody else can abort it. */
+#define CH_PG_READ_REBATCH 1
 
 enum conn_state {
     CONN_BACKOFF,    /* closed, waiting until due_at to try again */
@@ -45,7 +47,7 @@ typedef struct ch_pg_subq {
 
 /* One ch_pg_submit call; a single allocation holds the struct, the queries, the result slots and the parameters. */
 typedef struct ch_pg_sub {
-    h2o_linklist_t link; /* in pool->queue while conn == NULL, else in conn->inflight */
+    h2o_linklist_t link; /* in pool->queue while conn == NULL, else in conn->inflight or conn->retry */
     h2o_timeout_entry_t deadline;
     ch_pg_pool_t *pool;
     ch_pg_conn_t *conn;
@@ -60,6 +62,10 @@ typedef struct ch_pg_sub {
     size_t *prep; /* statements re-prepared in front of the queries (indexes in pool->stmts), up to n */
     int nprep;
     int pgot; /* results of those prepares received so far */
+    int read;     /* from ch_pg_submit_read: may share a sync with other reads, and may be sent again */
+    int own_sync; /* this dispatch ended with its own sync; otherwise it is in a batch of reads */
+    int victim;   /* this dispatch was aborted by a batch-mate's failure, not by its own */
+    int aborts;   /* how many times that happened */
 } ch_pg_sub_t;
 
 struct ch_pg_conn {
@@ -71,7 +77,12 @@ struct ch_pg_conn {
     dev_t sock_dev;     /* identity of the wrapped socket: fd numbers are reused when libpq swaps sockets */
     ino_t sock_ino;
     h2o_linklist_t inflight; /* in send order, which is the order results come back */
-    unsigned ninflight;
+    unsigned ninflight;      /* submissions in inflight and in retry */
+    /* Reads aborted by a batch-mate, sent again once their batch's sync has come back (before it, the server would
+     * skip them again). Still counted in flight: they hold their deadline and fail with this connection. */
+    h2o_linklist_t retry;
+    unsigned batch_open;  /* reads sent since the last sync; the end of the loop iteration sends their sync */
+    unsigned loose_syncs; /* syncs closing a batch of reads whose PGRES_PIPELINE_SYNC has not come back yet */
     unsigned prepared; /* statements whose prepare has completed (sync received) */
     /* Per statement: 0 prepared, STMT_UNPREPARED when preparing it failed (its table may not exist yet: `serve`
      * started before `migrate`), STMT_PREPARING while a retry is in the pipeline. */
@@ -100,7 +111,7 @@ struct ch_pg_pool {
     int reachable;
     int closing;
     uint64_t rng;
-    uint64_t timeouts, failures, reconnects;
+    uint64_t timeouts, failures, reconnects, syncs, resent;
     h2o_timeout_t deadline_timeout; /* timeout_ms, one entry per submission */
     h2o_timeout_t tick_timeout;     /* CH_PG_TICK_MS, drives backoff and connect deadlines */
     h2o_timeout_entry_t tick_entry;
@@ -325,21 +336,56 @@ static void conn_flush(ch_pg_conn_t *conn)
     }
 }
 
-/* Sends a submission as one pipeline segment. Runs inside ch_pg_submit, so it never calls a callback: a failure
- * only marks the connection, which is torn down (failing this submission too) at the end of the loop iteration. */
+/* Ends the open batch of reads with one sync, which also flushes everything since the last one: one send() for the
+ * batch, and one flush of the server's output for all of it. Never calls a callback. */
+static void conn_sync_batch(ch_pg_conn_t *conn)
+{
+    conn->batch_open = 0;
+    if (!PQpipelineSync(conn->pq)) {
+        conn_mark_broken(conn, CH_EUNAVAIL);
+        return;
+    }
+    ++conn->loose_syncs;
+    ++conn->pool->syncs;
+    conn_flush(conn);
+    /* libpq reads while its output is stuck, possibly taking the socket's data into its own buffer */
+    conn->poke = 1;
+    defer_arm(conn->pool);
+}
+
+/* Sends a submission. A write (and a read that needs a statement prepared, or that batch-mates keep aborting) is one
+ * pipeline segment of its own: it starts right after a sync, so nothing sent before it can abort it, and it ends
+ * with its own sync, so nothing sent after it shares its transaction. Other reads join the connection's open batch,
+ * without a sync or a flush; on_defer ends the batch once the loop iteration's callbacks have had their say.
+ * Runs inside ch_pg_submit, so it never calls a callback: a failure only marks the connection, which is torn down
+ * (failing this submission too) at the end of the loop iteration. */
 static void conn_dispatch(ch_pg_conn_t *conn, ch_pg_sub_t *sub)
 {
     ch_pg_pool_t *pool = conn->pool;
+    int batched;
 
     sub->conn = conn;
     h2o_linklist_insert(&conn->inflight, &sub->link);
     ++conn->ninflight;
     ++pool->ninflight;
 
+    sub->nprep = sub->pgot = 0;
+    sub->victim = 0;
+    batched = sub->read && sub->aborts <= CH_PG_READ_REBATCH;
+    for (int i = 0; batched && i != sub->n; ++i)
+        batched = conn->stmt_state[sub->q[i].idx] != STMT_UNPREPARED;
+    sub->own_sync = !batched;
+    /* a segment of its own starts after a sync: what the open batch aborts must not reach into it */
+    if (!batched && conn->batch_open != 0) {
+        conn_sync_batch(conn);
+        if (conn->broken)
+            return;
+    }
+
     /* A statement that failed to prepare on this connection is prepared again in front of the queries, inside the
      * same sync: it heals once its table exists, and while it does not, the caller sees the real error (42P01)
-     * rather than 26000. The prepare is not rolled back with the transaction if a later statement fails. */
-    sub->nprep = sub->pgot = 0;
+     * rather than 26000. The prepare is not rolled back with the transaction if a later statement fails. Only
+     * segments of their own carry prepares, so another caller's failure never aborts one. */
     for (int i = 0; i != sub->n; ++i) {
         size_t idx = sub->q[i].idx;
         if (conn->stmt_state[idx] != STMT_UNPREPARED)
@@ -360,13 +406,18 @@ static void conn_dispatch(ch_pg_conn_t *conn, ch_pg_sub_t *sub)
             return;
         }
     }
+    if (batched) {
+        if (conn->batch_open++ == 0)
+            defer_arm(pool);
+        return;
+    }
     /* the sync closes the implicit transaction: all n statements commit, or none */
     if (!PQpipelineSync(conn->pq)) {
         conn_mark_broken(conn, CH_EUNAVAIL);
         return;
     }
+    ++pool->syncs;
     conn_flush(conn);
-    /* libpq reads while its output is stuck, possibly taking the socket's data into its own buffer */
     conn->poke = 1;
     defer_arm(pool);
 }
@@ -387,6 +438,8 @@ static void conn_close(ch_pg_conn_t *conn)
     conn->broken = 0;
     conn->poke = 0;
     conn->prepared = 0;
+    conn->batch_open = 0;
+    conn->loose_syncs = 0;
 }
 
 static void conn_schedule_retry(ch_pg_conn_t *conn)
@@ -424,6 +477,7 @@ static void conn_down(ch_pg_conn_t *conn, int err, const char *why)
 
     h2o_linklist_init_anchor(&list);
     h2o_linklist_insert_list(&list, &conn->inflight);
+    h2o_linklist_insert_list(&list, &conn->retry);
     pool->ninflight -= conn->ninflight;
     conn->ninflight = 0;
 
@@ -620,7 +674,7 @@ static void on_prepare_result(ch_pg_conn_t *conn, PGresult *res)
     PQclear(res);
 }
 
-/* The head submission's sync arrived: it is complete. */
+/* The head submission's own sync arrived: it is complete. */
 static void conn_finish_head(ch_pg_conn_t *conn)
 {
     ch_pg_pool_t *pool = conn->pool;
@@ -636,6 +690,58 @@ static void conn_finish_head(ch_pg_conn_t *conn)
     sub_complete(sub, 0, NULL);
 }
 
+/* The head submission is a batched read and has all its results. Its outcome does not depend on the batch's sync: a
+ * failure after it in the batch cannot change what it read. One aborted by a batch-mate waits in conn->retry. */
+static void conn_finish_batched(ch_pg_conn_t *conn, ch_pg_sub_t *sub)
+{
+    ch_pg_pool_t *pool = conn->pool;
+
+    h2o_linklist_unlink(&sub->link);
+    if (sub->victim) {
+        for (int i = 0; i != sub->n; ++i) {
+            PQclear(sub->res[i]);
+            sub->res[i] = NULL;
+        }
+        sub->ngot = 0;
+        ++sub->aborts;
+        h2o_linklist_insert(&conn->retry, &sub->link);
+        return;
+    }
+    h2o_timeout_unlink(&sub->deadline);
+    --conn->ninflight;
+    --pool->ninflight;
+    sub->conn = NULL;
+    sub_complete(sub, 0, NULL);
+}
+
+/* A PGRES_PIPELINE_SYNC arrived: the head submission's own, or the one that closed a batch of reads. Batched reads
+ * complete on their last result, so when a batch's sync arrives the head is whatever was sent after it, and has no
+ * results yet; a write is never sent inside a batch, so its own sync is the first one after its last result. */
+static void conn_on_sync(ch_pg_conn_t *conn)
+{
+    if (!h2o_linklist_is_empty(&conn->inflight)) {
+        ch_pg_sub_t *head = H2O_STRUCT_FROM_MEMBER(ch_pg_sub_t, link, conn->inflight.next);
+        if (head->own_sync && ((head->pgot == head->nprep && head->ngot == head->n) || conn->loose_syncs == 0)) {
+            conn_finish_head(conn);
+            return;
+        }
+    }
+    if (conn->loose_syncs == 0) {
+        conn_mark_broken(conn, CH_EUNAVAIL); /* out of step with the server: start over */
+        return;
+    }
+    --conn->loose_syncs;
+    /* the server is past the failure that aborted these: they go out again, after everything sent so far */
+    while (!h2o_linklist_is_empty(&conn->retry) && conn->broken == 0) {
+        ch_pg_sub_t *sub = H2O_STRUCT_FROM_MEMBER(ch_pg_sub_t, link, conn->retry.next);
+        h2o_linklist_unlink(&sub->link);
+        --conn->ninflight;
+        --conn->pool->ninflight;
+        ++conn->pool->resent;
+        conn_dispatch(conn, sub);
+    }
+}
+
 /* Takes every result libpq can hand out without blocking. Top level only: it calls callbacks, which may submit
  * (dispatching to this very connection) but cannot tear a connection down, only mark it broken. */
 static void conn_process(ch_pg_conn_t *conn)
@@ -643,7 +749,7 @@ static void conn_process(ch_pg_conn_t *conn)
     int nulls = 0;
 
     while (conn->broken == 0 && conn->pq != NULL) {
-        if (conn->state == CONN_UP && h2o_linklist_is_empty(&conn->inflight))
+        if (conn->state == CONN_UP && h2o_linklist_is_empty(&conn->inflight) && conn->loose_syncs == 0)
             break;
         if (PQisBusy(conn->pq))
             break;
@@ -669,6 +775,11 @@ static void conn_process(ch_pg_conn_t *conn)
             on_prepare_result(conn, res);
             continue;
         }
+        if (st == PGRES_PIPELINE_SYNC) {
+            PQclear(res);
+            conn_on_sync(conn);
+            continue;
+        }
         if (h2o_linklist_is_empty(&conn->inflight)) {
             PQclear(res);
             conn_mark_broken(conn, CH_EUNAVAIL); /* out of step with the server: start over */
@@ -676,10 +787,6 @@ static void conn_process(ch_pg_conn_t *conn)
         }
         ch_pg_sub_t *sub = H2O_STRUCT_FROM_MEMBER(ch_pg_sub_t, link, conn->inflight.next);
         switch (st) {
-        case PGRES_PIPELINE_SYNC:
-            PQclear(res);
-            conn_finish_head(conn);
-            break;
         case PGRES_FATAL_ERROR:
             if (sub->err_res == NULL)
                 sub->err_res = res;
@@ -693,6 +800,9 @@ static void conn_process(ch_pg_conn_t *conn)
             break;
         case PGRES_PIPELINE_ABORTED:
             PQclear(res);
+            /* in a batch, an abort this submission did not cause itself comes from a batch-mate's failure */
+            if (sub->err == 0 && !sub->own_sync)
+                sub->victim = 1;
             if (sub->pgot < sub->nprep)
                 conn->stmt_state[sub->prep[sub->pgot++]] = STMT_UNPREPARED;
             else
@@ -703,7 +813,7 @@ static void conn_process(ch_pg_conn_t *conn)
         case PGRES_COPY_BOTH:
             PQclear(res);
             conn_mark_broken(conn, CH_EUNAVAIL); /* COPY cannot be driven through this API */
-            break;
+            continue;
         default:
             if (sub->pgot < sub->nprep) {
                 conn->stmt_state[sub->prep[sub->pgot++]] = STMT_PREPARED;
@@ -715,6 +825,8 @@ static void conn_process(ch_pg_conn_t *conn)
             }
             break;
         }
+        if (!sub->own_sync && sub->pgot == sub->nprep && sub->ngot == sub->n)
+            conn_finish_batched(conn, sub);
     }
 }
 
@@ -771,8 +883,9 @@ static void on_deadline(h2o_timeout_entry_t *entry)
         sub_complete(sub, CH_ETIMEDOUT, "database timed out");
         return;
     }
-    /* A pipelined statement cannot be taken back. Submissions go out in deadline order, so this one is the oldest
-     * on its connection: the server has stalled (stopped, swapping, locked) and the connection is written off. */
+    /* A pipelined statement cannot be taken back. Submissions go out in deadline order (a read sent again after a
+     * batch-mate's failure was first sent before those behind it), so this one is the oldest on its connection: the
+     * server has stalled (stopped, swapping, locked) and the connection is written off. */
     conn_down(sub->conn, CH_ETIMEDOUT, "oldest submission passed its deadline");
 }
 
@@ -796,13 +909,17 @@ static void on_tick(h2o_timeout_entry_t *entry)
         tick_arm(pool);
 }
 
-/* End of the loop iteration: tear down what ch_pg_submit found broken, read what libpq buffered meanwhile. */
+/* End of the loop iteration: send the syncs of the reads batched during it, tear down what ch_pg_submit found
+ * broken, read what libpq buffered meanwhile. Callbacks run here may batch more reads; they re-arm the entry, and h2o
+ * runs an entry linked during its own callback again in the same pass. */
 static void on_defer(h2o_timeout_entry_t *entry)
 {
     ch_pg_pool_t *pool = H2O_STRUCT_FROM_MEMBER(ch_pg_pool_t, defer_entry, entry);
 
     for (unsigned i = 0; i != pool->nconns; ++i) {
         ch_pg_conn_t *conn = &pool->conns[i];
+        if (conn->broken == 0 && conn->batch_open != 0 && conn->state == CONN_UP)
+            conn_sync_batch(conn);
         if (conn->broken == 0 && conn->poke && (conn->state == CONN_UP || conn->state == CONN_PREPARING)) {
             conn->poke = 0;
             conn_process(conn);
@@ -891,6 +1008,7 @@ ch_pg_pool_t *ch_pg_pool_new(h2o_loop_t *loop, const ch_pg_config_t *config)
         conn->idx = i;
         conn->stmt_state = pool->stmt_states + i * pool->nstmts;
         h2o_linklist_init_anchor(&conn->inflight);
+        h2o_linklist_init_anchor(&conn->retry);
         conn_close(conn);
     }
     /* nothing is queued yet, so a synchronous connect failure has no callback to run */
@@ -909,6 +1027,7 @@ void ch_pg_pool_free(ch_pg_pool_t *pool)
         ch_pg_conn_t *conn = &pool->conns[i];
         conn_close(conn);
         h2o_linklist_insert_list(&list, &conn->inflight);
+        h2o_linklist_insert_list(&list, &conn->retry);
         conn->ninflight = 0;
     }
     h2o_linklist_insert_list(&list, &pool->queue);
@@ -932,7 +1051,7 @@ void ch_pg_pool_free(ch_pg_pool_t *pool)
     free(pool);
 }
 
-int ch_pg_submit(ch_pg_pool_t *pool, const ch_pg_query_t *queries, int n, ch_pg_cb cb, void *arg)
+static int pool_submit(ch_pg_pool_t *pool, const ch_pg_query_t *queries, int n, ch_pg_cb cb, void *arg, int read)
 {
     size_t nvalues = 0, nbytes = 0, size;
     ch_pg_conn_t *conn;
@@ -973,6 +1092,7 @@ int ch_pg_submit(ch_pg_pool_t *pool, const ch_pg_query_t *queries, int n, ch_pg_
     sub->cb = cb;
     sub->arg = arg;
     sub->n = n;
+    sub->read = read;
     sub->q = (ch_pg_subq_t *)(sub + 1);
     sub->res = (PGresult **)(sub->q + n);
     sub->prep = (size_t *)(sub->res + n);
@@ -1010,6 +1130,16 @@ int ch_pg_submit(ch_pg_pool_t *pool, const ch_pg_query_t *queries, int n, ch_pg_
     return 0;
 }
 
+int ch_pg_submit(ch_pg_pool_t *pool, const ch_pg_query_t *queries, int n, ch_pg_cb cb, void *arg)
+{
+    return pool_submit(pool, queries, n, cb, arg, 0);
+}
+
+int ch_pg_submit_read(ch_pg_pool_t *pool, const ch_pg_query_t *queries, int n, ch_pg_cb cb, void *arg)
+{
+    return pool_submit(pool, queries, n, cb, arg, 1);
+}
+
 void ch_pg_pool_stats(ch_pg_pool_t *pool, ch_pg_stats_t *stats)
 {
     stats->conns_up = pool_conns_up(pool);
@@ -1018,4 +1148,6 @@ void ch_pg_pool_stats(ch_pg_pool_t *pool, ch_pg_stats_t *stats)
     stats->timeouts = pool->timeouts;
     stats->failures = pool->failures;
     stats->reconnects = pool->reconnects;
+    stats->syncs = pool->syncs;
+    stats->resent = pool->resent;
 }

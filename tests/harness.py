@@ -16,7 +16,7 @@ The API (kept small and stable):
     Gateway(tmpdir, pg, redis, threads=2, env=None)
                                             build/cityhall serve, configured by environment only
         .http_port .https_port .pid .env .url(path, tls) .request(path, ...) .run(*args)
-        .migrate() .start() .stop() -> exit code .terminate() .wait() .kill() .running
+        .keys_init() .migrate() .start() .stop() -> exit code .terminate() .wait() .kill() .running
         .log_text() .log_json() (the JSON lines of its stderr)
     Cluster(threads=2, env=None, gateway=True)
                                             context manager: one temp folder, the three above
@@ -582,7 +582,8 @@ class Gateway:
     free http (h2c + HTTP/1.1) and https (h2 + HTTP/1.1 over TLS) ports, the session's TLS cert,
     the given PostgreSQL and Redis, CITYHALL_VAR=tmpdir/var, stderr in tmpdir/gateway.log.
     `env` entries override the defaults (values are converted with str()). `build/cityhall
-    migrate` runs once before the first start. Started on construction unless start=False."""
+    keys init` and `build/cityhall migrate` run once before the first start. Started on
+    construction unless start=False."""
 
     def __init__(self, tmpdir, pg, redis, threads=2, env=None, start=True):
         self.tmpdir = tmpdir
@@ -613,6 +614,7 @@ class Gateway:
         self.threads = int(self.env["CITYHALL_THREADS"])
         self.proc = None
         self.migrated = False
+        self.keys_ready = False
         self._final_log = None
         _started_gateways.append(self)
         if start:
@@ -653,11 +655,22 @@ class Gateway:
         self.migrated = True
         return r
 
+    def keys_init(self):
+        """Runs `build/cityhall keys init` (data key and signing keys in CITYHALL_VAR/keys, only
+        what is missing); raises RuntimeError if it fails."""
+        r = self.run("keys", "init")
+        if r.returncode != 0:
+            raise RuntimeError(f"cityhall keys init exited {r.returncode}:\n{r.stdout}{r.stderr}")
+        self.keys_ready = True
+        return r
+
     def start(self, timeout=15):
         """Starts `cityhall serve` and waits until GET /healthz answers 200 (over h2c, or over h2
         when the cleartext listener is disabled)."""
         if self.running:
             return
+        if not self.keys_ready:
+            self.keys_init()
         if not self.migrated:
             self.migrate()
         self.proc = _spawn([self.binary, "serve"], self.logpath, env=self.env)

@@ -49,6 +49,17 @@ void identity_staff_login(ch_call_t *call);
 void identity_delegation_open(ch_call_t *call);
 void identity_client_token(ch_call_t *call);
 
+/* ---- staff.c, shared with kiosk.c: the citizen present at a counter or kiosk, identifier checks ---- */
+/** $1 id hash (hex), $2 name: the registry resident's bound citizen account, if any. */
+extern const ch_pg_stmt_t identity_stmt_present_citizen;
+void identity_present_citizen_query(ch_call_t *call, const char *id_number, const char *name, ch_pg_query_t *q);
+/** The citizen id from a result of identity_stmt_present_citizen, or NULL after answering 422. */
+const char *identity_present_citizen_or_respond(ch_call_t *call, PGresult *res);
+int identity_ident_ok(const char *s, size_t max, int upper_ok, int dot_ok);
+/** Upper-cases a final x and checks GB 11643; 0 or CH_EINVAL with `why`. */
+int identity_id_normalize(const char *in, char out[19], const char **why);
+char *identity_name_trim(ch_call_t *call, const char *in);
+
 /* ---- kiosk.c ---- */
 void identity_kiosk_session(ch_call_t *call);
 

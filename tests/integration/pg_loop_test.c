@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -36,6 +37,9 @@ static const ch_pg_stmt_t st_sleep = {"t_sleep", "SELECT pg_sleep($1::float8)", 
 static const ch_pg_stmt_t st_drop_late = {"t_drop_late", "DROP TABLE IF EXISTS ch_pg_loop_late", 0};
 static const ch_pg_stmt_t st_create_late = {"t_create_late", "CREATE TABLE ch_pg_loop_late (id int)", 0};
 static const ch_pg_stmt_t st_late = {"t_late", "SELECT count(*) FROM ch_pg_loop_late", 0};
+static const ch_pg_stmt_t st_div = {"t_div", "SELECT 100 / $1::int", 1};
+static const ch_pg_stmt_t st_pid = {"t_pid", "SELECT pg_backend_pid()", 0};
+static const ch_pg_stmt_t st_terminate = {"t_terminate", "SELECT pg_terminate_backend($1::int)", 1};
 
 /* Set around every ch_pg_submit: a callback that sees it was called before submit returned. */
 static int in_submit, early_callbacks;
@@ -48,17 +52,29 @@ static int submit(ch_pg_pool_t *pool, const ch_pg_query_t *q, int n, ch_pg_cb cb
     return r;
 }
 
+static int submit_read(ch_pg_pool_t *pool, const ch_pg_query_t *q, int n, ch_pg_cb cb, void *arg)
+{
+    in_submit = 1;
+    int r = ch_pg_submit_read(pool, q, n, cb, arg);
+    in_submit = 0;
+    return r;
+}
+
 /* A one-shot capture of a submission's outcome; values copied out because results are borrowed. */
 typedef struct capture {
     int done, err, nres;
+    int calls, seq; /* how many times the callback ran; when it last ran, in completion order */
     char sqlstate[8];
     char values[8][32];
 } capture_t;
 
 static void on_capture(void *arg, ch_pg_result_t *r)
 {
+    static int seq;
     capture_t *c = arg;
     early_callbacks += in_submit;
+    ++c->calls;
+    c->seq = ++seq;
     c->done = 1;
     c->err = r->err;
     c->nres = r->nres;
@@ -95,6 +111,27 @@ static int wait_up(ch_pg_pool_t *pool, unsigned want, uint64_t max_ms)
             return s.conns_up >= want;
         h2o_evloop_run(loop, 10);
     }
+}
+
+/* Runs the loop until every capture is done. */
+static int run_all(capture_t *cs, int n, uint64_t max_ms)
+{
+    uint64_t end = ch_now_us() + max_ms * 1000;
+    for (int i = 0; i != n; ++i)
+        while (!cs[i].done && ch_now_us() < end)
+            h2o_evloop_run(loop, 10);
+    for (int i = 0; i != n; ++i)
+        if (!cs[i].done)
+            return 0;
+    return 1;
+}
+
+static int all_called_once(const capture_t *cs, int n)
+{
+    for (int i = 0; i != n; ++i)
+        if (cs[i].calls != 1)
+            return 0;
+    return 1;
 }
 
 static capture_t run_one(ch_pg_pool_t *pool, const ch_pg_query_t *q, int n, int *submit_ret)
@@ -134,7 +171,7 @@ static void on_batch(void *arg, ch_pg_result_t *r)
 
 /* Submits `count` SELECT $1 + 1 at once; returns how many were accepted. */
 static int submit_batch(ch_pg_pool_t *pool, batch_t *b, batch_item_t *items, char (*bufs)[16], int count,
-                        int *first_err)
+                        int *first_err, int read)
 {
     int accepted = 0;
     *first_err = 0;
@@ -145,7 +182,7 @@ static int submit_batch(ch_pg_pool_t *pool, batch_t *b, batch_item_t *items, cha
         snprintf(bufs[i], sizeof(bufs[i]), "%d", i);
         const char *v[1] = {bufs[i]};
         ch_pg_query_t q = {&st_add1, v, NULL};
-        int r = submit(pool, &q, 1, on_batch, &items[i]);
+        int r = read ? submit_read(pool, &q, 1, on_batch, &items[i]) : submit(pool, &q, 1, on_batch, &items[i]);
         if (r != 0) {
             *first_err = r;
             break;
@@ -174,6 +211,7 @@ typedef struct chain {
     ch_pg_pool_t *pool;
     int step, target, failed;
     char buf[16];
+    int mode; /* 0: every step a ch_pg_submit, 1: every step a read, 2: reads and writes by turns */
 } chain_t;
 
 static void on_chain(void *arg, ch_pg_result_t *r)
@@ -189,7 +227,8 @@ static void on_chain(void *arg, ch_pg_result_t *r)
     snprintf(c->buf, sizeof(c->buf), "%d", c->step);
     const char *v[1] = {c->buf};
     ch_pg_query_t q = {&st_add1, v, NULL};
-    if (submit(c->pool, &q, 1, on_chain, c) != 0)
+    int read = c->mode == 1 || (c->mode == 2 && c->step % 2 == 1);
+    if ((read ? submit_read(c->pool, &q, 1, on_chain, c) : submit(c->pool, &q, 1, on_chain, c)) != 0)
         c->failed = 1;
 }
 
@@ -203,6 +242,7 @@ static int chain_over(chain_t *c)
 typedef struct window {
     ch_pg_pool_t *pool;
     int outstanding, window, remaining, done, errors;
+    int read;
 } window_t;
 
 static void window_fill(window_t *w);
@@ -221,7 +261,8 @@ static void window_fill(window_t *w)
     static const char *v[1] = {"41"};
     ch_pg_query_t q = {&st_add1, v, NULL};
     while (w->outstanding < w->window && w->remaining > 0) {
-        if (ch_pg_submit(w->pool, &q, 1, on_window, w) != 0) {
+        if ((w->read ? ch_pg_submit_read(w->pool, &q, 1, on_window, w) : ch_pg_submit(w->pool, &q, 1, on_window, w)) !=
+            0) {
             ++w->errors;
             --w->remaining;
             continue;
@@ -284,6 +325,9 @@ static int run_tests(const char *conninfo)
     ch_pg_register(&st_sleep);
     ch_pg_register(&st_create_late);
     ch_pg_register(&st_late); /* its table does not exist yet, as when `serve` starts before `migrate` */
+    ch_pg_register(&st_div);
+    ch_pg_register(&st_pid);
+    ch_pg_register(&st_terminate);
     ch_pg_config_t cfg = {conninfo, 2, 20000, 5000, 2000};
     ch_pg_pool_t *pool = ch_pg_pool_new(loop, &cfg);
     tap_ok(wait_up(pool, 2, 5000), "both connections come up and prepare their statements");
@@ -339,7 +383,7 @@ static int run_tests(const char *conninfo)
         ch_pg_pool_t *one = ch_pg_pool_new(loop, &one_cfg);
         wait_up(one, 1, 5000);
         int first_err;
-        submit_batch(one, &b, items, bufs, n, &first_err);
+        submit_batch(one, &b, items, bufs, n, &first_err, 0);
         run_batch(&b, 10000);
         tap_ok(b.done == n && b.ok == n && b.order_errors == 0,
                "on one connection, %d pipelined submissions complete in submission order, each with its own result "
@@ -357,7 +401,7 @@ static int run_tests(const char *conninfo)
         char(*bufs)[16] = calloc(n, sizeof(*bufs));
         int first_err;
         uint64_t t0 = ch_now_us();
-        int accepted = submit_batch(pool, &b, items, bufs, n, &first_err);
+        int accepted = submit_batch(pool, &b, items, bufs, n, &first_err, 0);
         run_batch(&b, 30000);
         uint64_t us = ch_now_us() - t0;
         tap_ok(accepted == n && b.done == n && b.ok == n,
@@ -379,6 +423,17 @@ static int run_tests(const char *conninfo)
         tap_ok(w.done == 200000 && w.errors == 0, "200000 submissions through a window of 512 complete without errors");
         printf("# throughput, pipelined prepared SELECT, 2 connections, one loop, window 512: %.0f submissions/s\n",
                w.done * 1e6 / (double)us);
+    }
+
+    {
+        window_t w = {pool, 0, 512, 200000, 0, 0, 1};
+        uint64_t t0 = ch_now_us();
+        window_fill(&w);
+        while (w.outstanding > 0)
+            h2o_evloop_run(loop, 10);
+        uint64_t us = ch_now_us() - t0;
+        tap_ok(w.done == 200000 && w.errors == 0, "200000 reads through a window of 512 complete without errors");
+        printf("# throughput, the same with ch_pg_submit_read: %.0f submissions/s\n", w.done * 1e6 / (double)us);
     }
 
     {
@@ -433,6 +488,21 @@ static int run_tests(const char *conninfo)
     }
 
     {
+        /* a read whose statement must be prepared again goes out in a segment of its own: its 42P01 is its own */
+        const char *v[2][1] = {{"1"}, {"2"}};
+        ch_pg_query_t q[3] = {{&st_add1, v[0], NULL}, {&st_late, NULL, NULL}, {&st_add1, v[1], NULL}};
+        capture_t cs[3] = {{0}};
+        for (int i = 0; i != 3; ++i)
+            submit_read(pool, &q[i], 1, on_capture, &cs[i]);
+        run_all(cs, 3, 5000);
+        tap_ok(all_called_once(cs, 3) && cs[1].err == CH_EDB && strcmp(cs[1].sqlstate, "42P01") == 0 &&
+                   cs[0].err == 0 && strcmp(cs[0].values[0], "2") == 0 && cs[2].err == 0 &&
+                   strcmp(cs[2].values[0], "3") == 0,
+               "among reads, one whose table is missing fails alone with 42P01 (%d %s), the others succeed (%d %d)",
+               cs[1].err, cs[1].sqlstate, cs[0].err, cs[2].err);
+    }
+
+    {
         ch_pg_query_t q = {&st_late, NULL, NULL};
         c = run_one(pool, &q, 1, &r);
         tap_ok(c.err == CH_EDB && strcmp(c.sqlstate, "42P01") == 0,
@@ -472,6 +542,267 @@ static int run_tests(const char *conninfo)
         tap_ok(ch.step == 100 && !ch.failed, "100 submissions chained from callbacks complete (step=%d)", ch.step);
     }
 
+    /* --- ch_pg_submit_read: reads share syncs; a failure aborts only its own submission --- */
+    {
+        ch_pg_config_t rcfg = {conninfo, 1, 2000, 5000, 2000};
+        ch_pg_pool_t *rp = ch_pg_pool_new(loop, &rcfg);
+        ch_pg_stats_t s0, s1;
+        wait_up(rp, 1, 5000);
+
+        {
+            enum { N = 100 };
+            capture_t cs[N] = {{0}};
+            char bufs[N][16];
+            ch_pg_pool_stats(rp, &s0);
+            for (int i = 0; i != N; ++i) {
+                snprintf(bufs[i], sizeof(bufs[i]), "%d", i);
+                const char *v[1] = {bufs[i]};
+                ch_pg_query_t q = {&st_add1, v, NULL};
+                submit_read(rp, &q, 1, on_capture, &cs[i]);
+            }
+            run_all(cs, N, 5000);
+            ch_pg_pool_stats(rp, &s1);
+            int good = all_called_once(cs, N);
+            for (int i = 0; good && i != N; ++i)
+                good = cs[i].err == 0 && atoi(cs[i].values[0]) == i + 1 && (i == 0 || cs[i].seq > cs[i - 1].seq);
+            tap_ok(good, "100 reads submitted together complete once each, in order, each with its own result");
+            tap_ok(s1.syncs - s0.syncs == 1, "and share one sync (%llu)", (unsigned long long)(s1.syncs - s0.syncs));
+        }
+
+        {
+            /* ten reads in one batch, the fifth divides by zero: the server skips the five behind it */
+            enum { N = 10 };
+            capture_t cs[N] = {{0}};
+            char bufs[N][16];
+            ch_pg_pool_stats(rp, &s0);
+            for (int i = 0; i != N; ++i) {
+                snprintf(bufs[i], sizeof(bufs[i]), "%d", i == 4 ? 0 : i + 1);
+                const char *v[1] = {bufs[i]};
+                ch_pg_query_t q = {&st_div, v, NULL};
+                submit_read(rp, &q, 1, on_capture, &cs[i]);
+            }
+            run_all(cs, N, 5000);
+            ch_pg_pool_stats(rp, &s1);
+            int others = 1;
+            for (int i = 0; i != N; ++i)
+                if (i != 4)
+                    others &= cs[i].err == 0 && atoi(cs[i].values[0]) == 100 / (i + 1);
+            tap_ok(all_called_once(cs, N) && cs[4].err == CH_EDB && strcmp(cs[4].sqlstate, "22012") == 0,
+                   "in a batch of reads, the one dividing by zero fails with CH_EDB 22012 (%d %s)", cs[4].err,
+                   cs[4].sqlstate);
+            tap_ok(others, "the nine others succeed with their own results, though the server skipped five of them");
+            tap_ok(s1.resent - s0.resent == 5 && s1.syncs - s0.syncs == 2,
+                   "the five it skipped were sent again, in one more batch (resent %llu, syncs %llu)",
+                   (unsigned long long)(s1.resent - s0.resent), (unsigned long long)(s1.syncs - s0.syncs));
+        }
+
+        {
+            /* three failing reads ahead of a good one: the good one is skipped twice, then goes out alone */
+            const char *zero[1] = {"0"}, *two[1] = {"2"};
+            ch_pg_query_t f = {&st_div, zero, NULL}, g = {&st_div, two, NULL};
+            capture_t cs[4] = {{0}};
+            ch_pg_pool_stats(rp, &s0);
+            for (int i = 0; i != 3; ++i)
+                submit_read(rp, &f, 1, on_capture, &cs[i]);
+            submit_read(rp, &g, 1, on_capture, &cs[3]);
+            run_all(cs, 4, 5000);
+            ch_pg_pool_stats(rp, &s1);
+            tap_ok(all_called_once(cs, 4) && cs[0].err == CH_EDB && cs[1].err == CH_EDB && cs[2].err == CH_EDB &&
+                       cs[3].err == 0 && strcmp(cs[3].values[0], "50") == 0,
+                   "a read behind three failing ones still succeeds (%d %d %d %d; resent %llu)", cs[0].err, cs[1].err,
+                   cs[2].err, cs[3].err, (unsigned long long)(s1.resent - s0.resent));
+        }
+
+        {
+            /* a read of three statements failing in its second, between two single reads */
+            const char *one[1] = {"1"}, *zero[1] = {"0"}, *five[1] = {"5"};
+            ch_pg_query_t before = {&st_add1, one, NULL}, after = {&st_add1, five, NULL};
+            ch_pg_query_t multi[3] = {{&st_add1, one, NULL}, {&st_div, zero, NULL}, {&st_add1, five, NULL}};
+            capture_t cb = {0}, cm = {0}, ca = {0};
+            submit_read(rp, &before, 1, on_capture, &cb);
+            submit_read(rp, multi, 3, on_capture, &cm);
+            submit_read(rp, &after, 1, on_capture, &ca);
+            capture_t all[3];
+            run_until(&ca.done, 5000);
+            run_until(&cm.done, 5000);
+            all[0] = cb, all[1] = cm, all[2] = ca;
+            tap_ok(all_called_once(all, 3) && cm.err == CH_EDB && cm.nres == 3 && strcmp(cm.sqlstate, "22012") == 0 &&
+                       cb.err == 0 && strcmp(cb.values[0], "2") == 0 && ca.err == 0 && strcmp(ca.values[0], "6") == 0,
+                   "a 3-statement read failing in its second statement fails whole; the reads around it do not "
+                   "(%d %d %d)",
+                   cb.err, cm.err, ca.err);
+        }
+
+        {
+            /* R R W R R(fails) W(fails) R W R, all at once on one connection */
+            const char *one[1] = {"1"}, *zero[1] = {"0"}, *five[1] = {"5"}, *ids[1] = {"{3001,3002}"};
+            const char *w1[2] = {"3001", "w1"}, *wdup[2] = {"3001", "dup"}, *w2[2] = {"3002", "w2"};
+            ch_pg_query_t add = {&st_add1, one, NULL}, cnt = {&st_count, ids, NULL}, div0 = {&st_div, zero, NULL},
+                          add5 = {&st_add1, five, NULL};
+            ch_pg_query_t ins1 = {&st_insert, w1, NULL}, insdup = {&st_insert, wdup, NULL}, ins2 = {&st_insert, w2, NULL};
+            capture_t cs[9] = {{0}};
+            ch_pg_pool_stats(rp, &s0);
+            submit_read(rp, &add, 1, on_capture, &cs[0]);
+            submit_read(rp, &cnt, 1, on_capture, &cs[1]);
+            submit(rp, &ins1, 1, on_capture, &cs[2]);
+            submit_read(rp, &cnt, 1, on_capture, &cs[3]);
+            submit_read(rp, &div0, 1, on_capture, &cs[4]);
+            submit(rp, &insdup, 1, on_capture, &cs[5]);
+            submit_read(rp, &add5, 1, on_capture, &cs[6]);
+            submit(rp, &ins2, 1, on_capture, &cs[7]);
+            submit_read(rp, &cnt, 1, on_capture, &cs[8]);
+            run_all(cs, 9, 5000);
+            ch_pg_pool_stats(rp, &s1);
+            tap_ok(all_called_once(cs, 9) && cs[0].err == 0 && strcmp(cs[0].values[0], "2") == 0 && cs[1].err == 0 &&
+                       strcmp(cs[1].values[0], "0") == 0 && cs[3].err == 0 && strcmp(cs[3].values[0], "1") == 0 &&
+                       cs[6].err == 0 && strcmp(cs[6].values[0], "6") == 0 && cs[8].err == 0 &&
+                       strcmp(cs[8].values[0], "2") == 0,
+                   "reads interleaved with writes on one connection see the writes before them (%s %s %s)",
+                   cs[1].values[0], cs[3].values[0], cs[8].values[0]);
+            tap_ok(cs[2].err == 0 && cs[4].err == CH_EDB && cs[5].err == CH_EDB && strcmp(cs[5].sqlstate, "23505") == 0 &&
+                       cs[7].err == 0,
+                   "the failing read and the failing write fail alone; the writes around them commit (%d %d %d %d)",
+                   cs[2].err, cs[4].err, cs[5].err, cs[7].err);
+            tap_ok(s1.syncs - s0.syncs == 7 && s1.resent == s0.resent,
+                   "every write has a sync of its own: 3 writes and 4 batches of reads took 7 syncs (%llu)",
+                   (unsigned long long)(s1.syncs - s0.syncs));
+        }
+
+        {
+            chain_t ch = {rp, 0, 100, 0, "", 1};
+            const char *v[1] = {"0"};
+            ch_pg_query_t q = {&st_add1, v, NULL};
+            submit_read(rp, &q, 1, on_chain, &ch);
+            uint64_t end = ch_now_us() + 10000000;
+            while (!chain_over(&ch) && ch_now_us() < end)
+                h2o_evloop_run(loop, 10);
+            tap_ok(ch.step == 100 && !ch.failed, "100 reads chained from callbacks complete (step=%d)", ch.step);
+            chain_t mix = {rp, 0, 100, 0, "", 2};
+            submit(rp, &q, 1, on_chain, &mix);
+            end = ch_now_us() + 10000000;
+            while (!chain_over(&mix) && ch_now_us() < end)
+                h2o_evloop_run(loop, 10);
+            tap_ok(mix.step == 100 && !mix.failed, "100 reads and writes chained by turns from callbacks complete (step=%d)",
+                   mix.step);
+        }
+
+        {
+            const int n = 1000;
+            batch_t b = {0};
+            batch_item_t *items = calloc(n, sizeof(*items));
+            char(*bufs)[16] = calloc(n, sizeof(*bufs));
+            int first_err;
+            submit_batch(rp, &b, items, bufs, n, &first_err, 1);
+            run_batch(&b, 10000);
+            tap_ok(b.done == n && b.ok == n && b.order_errors == 0,
+                   "on one connection, %d reads complete in submission order, each with its own result "
+                   "(ok=%d order_errors=%d)",
+                   n, b.ok, b.order_errors);
+            free(items);
+            free(bufs);
+        }
+
+        {
+            /* an outage in the middle of a batch: the server ends our connection while the batch waits behind a sleep */
+            capture_t cp = {0};
+            ch_pg_query_t pq = {&st_pid, NULL, NULL};
+            submit_read(rp, &pq, 1, on_capture, &cp);
+            run_until(&cp.done, 5000);
+            enum { N = 20 };
+            capture_t cs[N] = {{0}};
+            const char *sv[1] = {"2"}, *one[1] = {"1"}, *pid[1] = {cp.values[0]};
+            ch_pg_query_t sq = {&st_sleep, sv, NULL}, aq = {&st_add1, one, NULL}, kq = {&st_terminate, pid, NULL};
+            ch_pg_pool_stats(rp, &s0);
+            submit_read(rp, &sq, 1, on_capture, &cs[0]);
+            for (int i = 1; i != N; ++i)
+                submit_read(rp, &aq, 1, on_capture, &cs[i]);
+            capture_t ck = {0};
+            run_for(50);
+            submit(pool, &kq, 1, on_capture, &ck);
+            run_all(cs, N, 5000);
+            int lost = cs[0].err == CH_EDB || cs[0].err == CH_EUNAVAIL;
+            for (int i = 1; i != N; ++i)
+                lost &= cs[i].err == CH_EUNAVAIL;
+            tap_ok(cp.err == 0 && ck.err == 0 && all_called_once(cs, N) && lost,
+                   "a batch of reads on a connection the server ends fails once each, with CH_EUNAVAIL (%d %d)",
+                   cs[0].err, cs[1].err);
+            /* submitted while the pool reconnects: they wait for the connection and go out as one batch */
+            capture_t cr[N] = {{0}};
+            for (int i = 0; i != N; ++i)
+                submit_read(rp, &aq, 1, on_capture, &cr[i]);
+            run_all(cr, N, 5000);
+            ch_pg_pool_stats(rp, &s1);
+            int back = all_called_once(cr, N);
+            for (int i = 0; i != N; ++i)
+                back &= cr[i].err == 0 && strcmp(cr[i].values[0], "2") == 0;
+            tap_ok(back && s1.reconnects == s0.reconnects + 1,
+                   "reads submitted during the outage complete after the pool reconnects (reconnects %llu)",
+                   (unsigned long long)(s1.reconnects - s0.reconnects));
+        }
+
+        {
+            /* freeing the pool with a batch not yet synced */
+            capture_t cs[5] = {{0}};
+            const char *one[1] = {"1"};
+            ch_pg_query_t aq = {&st_add1, one, NULL};
+            for (int i = 0; i != 5; ++i)
+                submit_read(rp, &aq, 1, on_capture, &cs[i]);
+            ch_pg_pool_free(rp);
+            int closed = all_called_once(cs, 5);
+            for (int i = 0; i != 5; ++i)
+                closed &= cs[i].err == CH_ECLOSED;
+            tap_ok(closed, "freeing the pool with a batch of reads not yet synced fails each once with CH_ECLOSED");
+        }
+    }
+
+    {
+        /* reads behind a stalled statement: written off with the connection at the oldest one's deadline */
+        ch_pg_config_t fast_cfg = {conninfo, 1, 100, 300, 2000};
+        ch_pg_pool_t *fast = ch_pg_pool_new(loop, &fast_cfg);
+        wait_up(fast, 1, 5000);
+        enum { N = 5 };
+        const char *sv[1] = {"2"}, *av[1] = {"5"};
+        ch_pg_query_t sq = {&st_sleep, sv, NULL}, aq = {&st_add1, av, NULL};
+        capture_t cs[N + 1] = {{0}};
+        uint64_t t0 = ch_now_us();
+        submit_read(fast, &sq, 1, on_capture, &cs[0]);
+        for (int i = 1; i <= N; ++i)
+            submit_read(fast, &aq, 1, on_capture, &cs[i]);
+        run_all(cs, N + 1, 5000);
+        uint64_t ms = (ch_now_us() - t0) / 1000;
+        int timedout = all_called_once(cs, N + 1);
+        for (int i = 0; i <= N; ++i)
+            timedout &= cs[i].err == CH_ETIMEDOUT;
+        tap_ok(timedout && ms < 800, "a batch of reads behind a 2 s statement times out at 300 ms, once each (%llu ms)",
+               (unsigned long long)ms);
+        tap_ok(wait_up(fast, 1, 3000), "the pool reconnects");
+        capture_t c2 = {0};
+        submit_read(fast, &aq, 1, on_capture, &c2);
+        run_until(&c2.done, 5000);
+        tap_ok(c2.err == 0 && strcmp(c2.values[0], "6") == 0, "and serves reads again");
+        ch_pg_pool_free(fast);
+    }
+
+    {
+        /* the queue bound counts reads like any submission */
+        ch_pg_config_t small_cfg = {conninfo, 2, 300, 5000, 2000};
+        ch_pg_pool_t *small = ch_pg_pool_new(loop, &small_cfg);
+        wait_up(small, 2, 5000);
+        const int n = 301;
+        batch_t b = {0};
+        batch_item_t *items = calloc(n, sizeof(*items));
+        char(*bufs)[16] = calloc(n, sizeof(*bufs));
+        int first_err;
+        int accepted = submit_batch(small, &b, items, bufs, n, &first_err, 1);
+        run_batch(&b, 10000);
+        tap_ok(accepted == 300 && first_err == CH_EFULL && b.done == 300 && b.ok == 300,
+               "the read beyond queue_max=300 is refused with CH_EFULL, the 300 accepted complete (accepted=%d ok=%d)",
+               accepted, b.ok);
+        ch_pg_pool_free(small);
+        free(items);
+        free(bufs);
+    }
+
     {
         /* a small pool to see the bound exactly */
         ch_pg_config_t small_cfg = {conninfo, 2, 300, 5000, 2000};
@@ -482,7 +813,7 @@ static int run_tests(const char *conninfo)
         batch_item_t *items = calloc(n, sizeof(*items));
         char(*bufs)[16] = calloc(n, sizeof(*bufs));
         int first_err;
-        int accepted = submit_batch(small, &b, items, bufs, n, &first_err);
+        int accepted = submit_batch(small, &b, items, bufs, n, &first_err, 0);
         tap_ok(accepted == 300 && first_err == CH_EFULL,
                "the submission beyond queue_max=300 is refused with "
                "CH_EFULL (accepted=%d err=%d)",
@@ -568,6 +899,7 @@ static int run_tests(const char *conninfo)
         run_for(50);
         capture_t cu = {0};
         tap_ok(submit(dead, &q, 1, on_capture, &cu) == CH_EUNAVAIL, "and later ones are refused synchronously");
+        tap_ok(submit_read(dead, &q, 1, on_capture, &cu) == CH_EUNAVAIL, "reads too");
         ch_pg_pool_free(dead);
     }
 
@@ -590,7 +922,7 @@ static int run_tests(const char *conninfo)
 
 typedef struct stream {
     ch_pg_pool_t *pool;
-    int outstanding, window;
+    int outstanding, window, read;
     unsigned long ok, unavail, timedout, full, db, closed, other;
     h2o_timeout_t tick;
     h2o_timeout_entry_t tick_entry;
@@ -632,7 +964,7 @@ static void stream_fill(stream_t *s)
     static const char *v[1] = {"1"};
     ch_pg_query_t q = {&st_add1, v, NULL};
     while (s->outstanding < s->window) {
-        int r = ch_pg_submit(s->pool, &q, 1, on_stream, s);
+        int r = s->read ? ch_pg_submit_read(s->pool, &q, 1, on_stream, s) : ch_pg_submit(s->pool, &q, 1, on_stream, s);
         if (r == CH_EUNAVAIL) {
             ++s->unavail;
             return; /* try again at the next tick, as a client would after Retry-After */
@@ -672,7 +1004,7 @@ static void on_stream_tick(h2o_timeout_entry_t *entry)
     h2o_timeout_link(loop, &s->tick, &s->tick_entry);
 }
 
-static int run_outage(const char *conninfo, int seconds)
+static int run_outage(const char *conninfo, int seconds, int read)
 {
     ch_pg_register(&st_add1);
     ch_pg_config_t cfg = {conninfo, 2, 256, 1000, 1000};
@@ -681,6 +1013,7 @@ static int run_outage(const char *conninfo, int seconds)
     if (s.pool == NULL)
         return 2;
     s.window = 64;
+    s.read = read;
     s.seconds = seconds;
     s.started = ch_now_us();
     s.next_report = s.started + 1000000;
@@ -702,17 +1035,198 @@ static int run_outage(const char *conninfo, int seconds)
     return s.outstanding == 0 ? 0 : 1;
 }
 
+/* --- bench mode: ch_pg_submit against ch_pg_submit_read in one run, with client and server CPU per submission --- */
+
+static const ch_pg_stmt_t st_now = {"t_now", "SELECT extract(epoch FROM clock_timestamp())::numeric(20,6)::text", 0};
+static const ch_pg_stmt_t st_bench_pids = {
+    "t_bench_pids", "SELECT pid FROM pg_stat_activity WHERE application_name = 'ch_pg_loop_bench' ORDER BY pid", 0};
+
+typedef struct bench {
+    ch_pg_pool_t *pool;
+    int read, window, outstanding, stop;
+    unsigned long done, errors;
+} bench_t;
+
+static void bench_fill(bench_t *b);
+
+static void on_bench(void *arg, ch_pg_result_t *r)
+{
+    bench_t *b = arg;
+    --b->outstanding;
+    ++b->done;
+    b->errors += r->err != 0;
+    if (!b->stop)
+        bench_fill(b);
+}
+
+static void bench_fill(bench_t *b)
+{
+    ch_pg_query_t q = {&st_now, NULL, NULL};
+    while (b->outstanding < b->window) {
+        int r = b->read ? ch_pg_submit_read(b->pool, &q, 1, on_bench, b) : ch_pg_submit(b->pool, &q, 1, on_bench, b);
+        if (r != 0) {
+            ++b->errors;
+            return;
+        }
+        ++b->outstanding;
+    }
+}
+
+/* CPU time of a process in µs, from /proc (the server's backends run on this machine) */
+static uint64_t proc_cpu_us(int pid)
+{
+    char path[64], buf[1024];
+    snprintf(path, sizeof(path), "/proc/%d/stat", pid);
+    FILE *f = fopen(path, "r");
+    if (f == NULL)
+        return 0;
+    size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    char *p = strrchr(buf, ')');
+    unsigned long long ut = 0, st = 0;
+    /* after the command: state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime */
+    if (p == NULL || sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &st) != 2)
+        return 0;
+    return (ut + st) * 1000000ULL / (uint64_t)sysconf(_SC_CLK_TCK);
+}
+
+static uint64_t self_cpu_us(void)
+{
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return (uint64_t)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1000000 + ru.ru_utime.tv_usec + ru.ru_stime.tv_usec;
+}
+
+typedef struct bench_row {
+    double rate, wall_us, client_us, server_us, syncs_per_sub;
+} bench_row_t;
+
+static bench_row_t bench_run(ch_pg_pool_t *pool, const int *pids, int npids, int read, int window, int ms)
+{
+    bench_t b = {pool, read, window, 0, 0, 0, 0};
+    bench_row_t row;
+    ch_pg_stats_t s0, s1;
+    uint64_t srv0 = 0, srv1 = 0;
+
+    for (int i = 0; i != npids; ++i)
+        srv0 += proc_cpu_us(pids[i]);
+    ch_pg_pool_stats(pool, &s0);
+    uint64_t cli0 = self_cpu_us(), t0 = ch_now_us(), end = t0 + (uint64_t)ms * 1000;
+    bench_fill(&b);
+    while (ch_now_us() < end)
+        h2o_evloop_run(loop, 10);
+    uint64_t t1 = ch_now_us(), cli1 = self_cpu_us();
+    unsigned long counted = b.done;
+    for (int i = 0; i != npids; ++i)
+        srv1 += proc_cpu_us(pids[i]);
+    ch_pg_pool_stats(pool, &s1);
+    b.stop = 1;
+    while (b.outstanding > 0)
+        h2o_evloop_run(loop, 10);
+    row.rate = counted * 1e6 / (double)(t1 - t0);
+    row.wall_us = (double)(t1 - t0) / counted;
+    row.client_us = (double)(cli1 - cli0) / counted;
+    row.server_us = (double)(srv1 - srv0) / counted;
+    row.syncs_per_sub = (double)(s1.syncs - s0.syncs) / counted;
+    if (b.errors != 0)
+        printf("# %lu errors\n", b.errors);
+    return row;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+typedef struct bench_pids {
+    int pids[8], n, done;
+} bench_pids_t;
+
+static void on_bench_pids(void *arg, ch_pg_result_t *r)
+{
+    bench_pids_t *bp = arg;
+    if (r->err == 0)
+        for (int i = 0; i < PQntuples(r->res[0]) && bp->n < 8; ++i)
+            bp->pids[bp->n++] = atoi(PQgetvalue(r->res[0], i, 0));
+    bp->done = 1;
+}
+
+static int run_bench(const char *conninfo, int ms, int rounds)
+{
+    char ci[1024];
+    snprintf(ci, sizeof(ci), "%s application_name=ch_pg_loop_bench", conninfo);
+    ch_pg_register(&st_now);
+    ch_pg_register(&st_bench_pids);
+    ch_pg_config_t cfg = {ci, 2, 4096, 10000, 2000};
+    ch_pg_pool_t *pool = ch_pg_pool_new(loop, &cfg);
+    if (pool == NULL || !wait_up(pool, 2, 5000))
+        return 2;
+    ch_pg_query_t pq = {&st_bench_pids, NULL, NULL};
+    bench_pids_t bp = {{0}, 0, 0};
+    ch_pg_submit(pool, &pq, 1, on_bench_pids, &bp);
+    run_until(&bp.done, 5000);
+    int *pids = bp.pids, npids = bp.n;
+    printf("# server backends:");
+    for (int i = 0; i != npids; ++i)
+        printf(" %d", pids[i]);
+    printf("\n");
+
+    static const struct {
+        int read, window;
+        const char *name;
+    } cases[] = {{0, 512, "ch_pg_submit      window 512"},
+                 {1, 512, "ch_pg_submit_read window 512"},
+                 {0, 16, "ch_pg_submit      window 16 "},
+                 {1, 16, "ch_pg_submit_read window 16 "}};
+    enum { NC = sizeof(cases) / sizeof(cases[0]) };
+    bench_row_t *rows = calloc((size_t)rounds * NC, sizeof(*rows));
+    bench_run(pool, pids, npids, 1, 512, 300); /* warm-up */
+    for (int r = 0; r != rounds; ++r) {
+        for (int c = 0; c != NC; ++c) {
+            bench_row_t *row = &rows[r * NC + c];
+            *row = bench_run(pool, pids, npids, cases[c].read, cases[c].window, ms);
+            printf("# round %d %s: %8.0f/s  wall %6.2f us/sub  client cpu %5.2f us/sub  server cpu %5.2f us/sub  "
+                   "syncs/sub %.3f\n",
+                   r + 1, cases[c].name, row->rate, row->wall_us, row->client_us, row->server_us, row->syncs_per_sub);
+        }
+    }
+    printf("# median of %d rounds of %d ms, 2 connections, one loop thread, query: %s\n", rounds, ms, st_now.sql);
+    printf("# %-28s %10s %10s %12s %12s %10s\n", "case", "subs/s", "wall us", "client us", "server us", "syncs/sub");
+    for (int c = 0; c != NC; ++c) {
+        double v[5][64];
+        for (int r = 0; r != rounds && r < 64; ++r) {
+            v[0][r] = rows[r * NC + c].rate;
+            v[1][r] = rows[r * NC + c].wall_us;
+            v[2][r] = rows[r * NC + c].client_us;
+            v[3][r] = rows[r * NC + c].server_us;
+            v[4][r] = rows[r * NC + c].syncs_per_sub;
+        }
+        int n = rounds < 64 ? rounds : 64;
+        for (int k = 0; k != 5; ++k)
+            qsort(v[k], (size_t)n, sizeof(double), cmp_double);
+        printf("# %-28s %10.0f %10.2f %12.2f %12.2f %10.3f\n", cases[c].name, v[0][n / 2], v[1][n / 2], v[2][n / 2],
+               v[3][n / 2], v[4][n / 2]);
+    }
+    free(rows);
+    ch_pg_pool_free(pool);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 2) {
-        fprintf(stderr, "usage: %s CONNINFO [outage [SECONDS]]\n", argv[0]);
+        fprintf(stderr, "usage: %s CONNINFO [outage [SECONDS [read]] | bench [MS [ROUNDS]]]\n", argv[0]);
         return 2;
     }
     setvbuf(stdout, NULL, _IOLBF, 0);
     loop = h2o_evloop_create();
     int rc;
     if (argc >= 3 && strcmp(argv[2], "outage") == 0)
-        rc = run_outage(argv[1], argc >= 4 ? atoi(argv[3]) : 10);
+        rc = run_outage(argv[1], argc >= 4 ? atoi(argv[3]) : 10, argc >= 5 && strcmp(argv[4], "read") == 0);
+    else if (argc >= 3 && strcmp(argv[2], "bench") == 0)
+        rc = run_bench(argv[1], argc >= 4 ? atoi(argv[3]) : 2000, argc >= 5 ? atoi(argv[4]) : 3);
     else
         rc = run_tests(argv[1]);
     /* let h2o free the sockets it closed */

@@ -13,6 +13,13 @@
  */
 void ch_audit_query(ch_call_t *call, const char *citizen_id, const char *action, const char *purpose, ch_pg_query_t *q);
 
+/**
+ * The same with an explicit principal, for routes that establish one themselves (a kiosk session opened
+ * on a public route is recorded as the kiosk acting for the citizen it has just authenticated).
+ */
+void ch_audit_query_as(ch_call_t *call, const ch_principal_t *principal, const char *citizen_id, const char *action,
+                       const char *purpose, ch_pg_query_t *q);
+
 /** The statement behind ch_audit_query (registered by the gateway on every connection). */
 extern const ch_pg_stmt_t ch_audit_stmt_append;
 

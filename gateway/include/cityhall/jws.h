@@ -33,7 +33,8 @@ int ch_jws_sign(const ch_keyring_t *ring, const char *typ, const char *claims_js
 /**
  * Verifies a compact JWS and returns its claims (caller json_decref's). Refused (CH_EINVAL), whatever
  * the claims say: not three base64url parts; a header that is not exactly an object with alg "ES256",
- * typ equal to `typ`, and a kid present in the ring (no "jku", "jwk", "x5u", "crit"); a signature that
+ * typ equal to `typ`, and a kid present in the ring, and no other member (so no "jku", "jwk", "x5u", "x5c",
+ * "crit"); a signature that
  * is not 64 bytes or does not verify. Expiry and audience are the caller's to check (ch_jwt_check).
  */
 int ch_jws_verify(const ch_keyring_t *ring, const char *typ, const char *token, size_t len, json_t **claims);

@@ -79,6 +79,20 @@ void ch_pg_pool_free(ch_pg_pool_t *pool);
  */
 int ch_pg_submit(ch_pg_pool_t *pool, const ch_pg_query_t *queries, int n, ch_pg_cb cb, void *arg);
 
+/**
+ * Runs `n` read-only statements, with the contract of ch_pg_submit (same returns, same callback guarantees,
+ * results in statement order), but cheaper under load: the reads submitted to a connection during one iteration
+ * of the event loop go out back to back and share one pipeline sync, hence one send() and one flush of the
+ * server's output, at the end of the iteration. So they share one implicit transaction with each other (never with
+ * a write: ch_pg_submit ends an open batch first). When a statement fails, the server skips the rest of the batch:
+ * the submission whose statement failed gets CH_EDB; the others the server skipped are sent again, transparently,
+ * and may therefore run twice as far as the server is concerned (never as far as results go).
+ * Use it only for statements that are idempotent and change nothing: no INSERT/UPDATE/DELETE, no nextval(), no
+ * SELECT ... FOR UPDATE (its lock would last until the batch's sync), no SET. With n > 1 the statements still run
+ * in order on one connection, but, as with ch_pg_submit under READ COMMITTED, each sees its own snapshot.
+ */
+int ch_pg_submit_read(ch_pg_pool_t *pool, const ch_pg_query_t *queries, int n, ch_pg_cb cb, void *arg);
+
 /** Counts for /readyz and /metrics. */
 typedef struct ch_pg_stats {
     unsigned conns_up;
@@ -87,6 +101,8 @@ typedef struct ch_pg_stats {
     uint64_t timeouts;   /* submissions failed with CH_ETIMEDOUT */
     uint64_t failures;   /* connections lost or written off, and failed connection attempts */
     uint64_t reconnects; /* connections re-established after having been up once */
+    uint64_t syncs;      /* pipeline syncs sent: one per ch_pg_submit, one per batch of ch_pg_submit_read */
+    uint64_t resent;     /* reads sent again because a batch-mate's failure made the server skip them */
 } ch_pg_stats_t;
 void ch_pg_pool_stats(ch_pg_pool_t *pool, ch_pg_stats_t *stats);
 
