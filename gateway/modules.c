@@ -5,11 +5,13 @@ extern const ch_module_t ch_ops_module;
 extern const ch_module_t ch_keys_module;
 extern const ch_module_t system_module;
 extern const ch_module_t identity_module;
+extern const ch_module_t healthcode_module;
 
 const ch_module_t *const ch_modules[] = {
     &ch_ops_module,
     &ch_keys_module,
     &system_module,
     &identity_module,
+    &healthcode_module,
 };
 const size_t ch_nmodules = sizeof(ch_modules) / sizeof(ch_modules[0]);
