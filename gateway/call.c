@@ -659,33 +659,45 @@ static void on_commit(ch_call_t *call, ch_pg_result_t *r)
     if (r->err == CH_EDB && r->sqlstate != NULL && strcmp(r->sqlstate, "23505") == 0 && r->message != NULL &&
         strstr(r->message, "idempotency_keys") != NULL) {
         /* A concurrent request with the same key committed first: answer with its result. */
-        const char *v[2] = {idem_scope(call), call->idem_key};
-        ch_pg_query_t q = {&stmt_idem_get, v, NULL};
-        int ret = ch_call_pg(call, &q, 1, on_idem_lookup);
-        if (ret != 0)
-            ch_fail_err(call, ret);
+        ch_call_idempotency_replay(call);
         return;
     }
     call->commit_cb(call, r);
 }
 
-int ch_call_pg_commit(ch_call_t *call, const ch_pg_query_t *queries, int n, int status, const ProtobufCMessage *response,
-                      ch_call_pg_cb cb)
+int ch_call_idempotency_claim(ch_call_t *call, int status, const ProtobufCMessage *response, const char *values[6])
 {
     if (call->idem_key == NULL)
-        return ch_call_pg(call, queries, n, cb);
+        return CH_ENOTFOUND;
     h2o_mem_pool_t *pool = &call->req->pool;
     size_t len = protobuf_c_message_get_packed_size(response);
     uint8_t *packed = h2o_mem_alloc_pool(pool, len + 1);
     protobuf_c_message_pack(response, packed);
-    const char **v = h2o_mem_alloc_pool(pool, 6 * sizeof(*v));
-    v[0] = idem_scope(call);
-    v[1] = call->idem_key;
-    v[2] = call->match.route->path;
-    v[3] = hex_encode(pool, call->idem_hash, sizeof(call->idem_hash));
-    v[4] = ch_call_printf(call, "%d", status);
-    v[5] = hex_encode(pool, packed, len);
-    ch_pg_query_t *all = h2o_mem_alloc_pool(pool, (n + 1) * sizeof(*all));
+    values[0] = idem_scope(call);
+    values[1] = call->idem_key;
+    values[2] = call->match.route->path;
+    values[3] = hex_encode(pool, call->idem_hash, sizeof(call->idem_hash));
+    values[4] = ch_call_printf(call, "%d", status);
+    values[5] = hex_encode(pool, packed, len);
+    return 0;
+}
+
+void ch_call_idempotency_replay(ch_call_t *call)
+{
+    const char *v[2] = {idem_scope(call), call->idem_key};
+    ch_pg_query_t q = {&stmt_idem_get, v, NULL};
+    int ret = ch_call_pg(call, &q, 1, on_idem_lookup);
+    if (ret != 0)
+        ch_fail_err(call, ret);
+}
+
+int ch_call_pg_commit(ch_call_t *call, const ch_pg_query_t *queries, int n, int status, const ProtobufCMessage *response,
+                      ch_call_pg_cb cb)
+{
+    const char **v = h2o_mem_alloc_pool(&call->req->pool, 6 * sizeof(*v));
+    if (ch_call_idempotency_claim(call, status, response, v) != 0)
+        return ch_call_pg(call, queries, n, cb);
+    ch_pg_query_t *all = h2o_mem_alloc_pool(&call->req->pool, (n + 1) * sizeof(*all));
     memcpy(all, queries, n * sizeof(*all));
     all[n] = (ch_pg_query_t){&stmt_idem_claim, v, NULL};
     call->commit_cb = cb;

@@ -131,6 +131,16 @@ int ch_call_pg(ch_call_t *call, const ch_pg_query_t *queries, int n, ch_call_pg_
  */
 int ch_call_pg_commit(ch_call_t *call, const ch_pg_query_t *queries, int n, int status, const ProtobufCMessage *response,
                       ch_call_pg_cb cb);
+/**
+ * For writes batched across calls (group commit): fills `values` with the six parameters of the gateway's
+ * claim statement (scope, key, route, request hash hex, status, response hex — the order of
+ * `INSERT INTO idempotency_keys (scope, key, route, request_hash, status, response)` with the hashes
+ * through decode(.., 'hex')), to insert in the batch's own transaction. Returns CH_ENOTFOUND (nothing
+ * filled) when the call carries no Idempotency-Key.
+ */
+int ch_call_idempotency_claim(ch_call_t *call, int status, const ProtobufCMessage *response, const char *values[6]);
+/** Answers a call whose key turned out to be claimed already: replays the stored answer, or 422 for another body. */
+void ch_call_idempotency_replay(ch_call_t *call);
 /** Sends one Redis command on this thread's connection. On error returns CH_E* and never calls cb. */
 int ch_call_redis(ch_call_t *call, ch_call_redis_cb cb, int argc, const char **argv, const size_t *argvlen);
 
