@@ -346,7 +346,9 @@ static void send_response(ch_call_t *call, int status, h2o_iovec_t content_type,
         h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_CONTENT_TYPE, NULL, content_type.base, content_type.len);
     h2o_add_header_by_str(&req->pool, &req->res.headers, H2O_STRLIT("x-request-id"), 0, NULL, call->request_id,
                           strlen(call->request_id));
-    h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_CACHE_CONTROL, NULL, H2O_STRLIT("no-store"));
+    /* personal data must not sit in shared caches: no-store unless the handler chose a policy */
+    if (h2o_find_header(&req->res.headers, H2O_TOKEN_CACHE_CONTROL, -1) < 0)
+        h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_CACHE_CONTROL, NULL, H2O_STRLIT("no-store"));
     if (retry_after > 0) {
         char *v = h2o_mem_alloc_pool(&req->pool, 16);
         int n = snprintf(v, 16, "%d", retry_after);
@@ -368,6 +370,20 @@ void ch_reply_raw(ch_call_t *call, int status, const char *content_type, const v
     h2o_iovec_t copy = h2o_strdup(&call->req->pool, body, len);
     h2o_iovec_t ctype = h2o_strdup(&call->req->pool, content_type, SIZE_MAX);
     send_response(call, status, ctype, copy.base, copy.len, 0);
+}
+
+void ch_reply_encoded(ch_call_t *call, int status, const void *json, size_t json_len, const void *pb, size_t pb_len)
+{
+    h2o_iovec_t body = call->respond_pb ? h2o_strdup(&call->req->pool, pb, pb_len)
+                                        : h2o_strdup(&call->req->pool, json, json_len);
+    send_response(call, status, call->respond_pb ? ct_pb : ct_json, body.base, body.len, 0);
+}
+
+void ch_call_add_header(ch_call_t *call, const char *name, const char *value)
+{
+    h2o_req_t *req = call->req;
+    h2o_iovec_t n = h2o_strdup(&req->pool, name, SIZE_MAX), v = h2o_strdup(&req->pool, value, SIZE_MAX);
+    h2o_add_header_by_str(&req->pool, &req->res.headers, n.base, n.len, 1, NULL, v.base, v.len);
 }
 
 /* Encodes `msg` in the encoding the client asked for, into the request pool. */

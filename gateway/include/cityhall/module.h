@@ -109,6 +109,13 @@ void ch_fail_retry_after(ch_call_t *call, ch_code_t code, int retry_after_s, con
     __attribute__((format(printf, 4, 5)));
 /** Answers a CH_E* return code: 503 + Retry-After for CH_EFULL/CH_EUNAVAIL/CH_ETIMEDOUT, 500 otherwise. */
 void ch_fail_err(ch_call_t *call, int err);
+/**
+ * Answers with a response message encoded earlier (a cache of route->response in both encodings): the
+ * one the client asked for is copied and sent. Lets a hot path skip encoding on a cache hit.
+ */
+void ch_reply_encoded(ch_call_t *call, int status, const void *json, size_t json_len, const void *pb, size_t pb_len);
+/** Adds a response header (lower-case name). A Cache-Control set here replaces the default no-store. */
+void ch_call_add_header(ch_call_t *call, const char *name, const char *value);
 /** Answers a raw body (CH_ROUTE_RAW routes); `body` is copied. */
 void ch_reply_raw(ch_call_t *call, int status, const char *content_type, const void *body, size_t len);
 
