@@ -6,6 +6,7 @@ extern const ch_module_t ch_keys_module;
 extern const ch_module_t system_module;
 extern const ch_module_t identity_module;
 extern const ch_module_t healthcode_module;
+extern const ch_module_t onething_module;
 
 const ch_module_t *const ch_modules[] = {
     &ch_ops_module,
@@ -13,5 +14,6 @@ const ch_module_t *const ch_modules[] = {
     &system_module,
     &identity_module,
     &healthcode_module,
+    &onething_module,
 };
 const size_t ch_nmodules = sizeof(ch_modules) / sizeof(ch_modules[0]);
