@@ -373,17 +373,20 @@ static void on_sms_admitted(ch_call_t *call, redisReply *reply, int err)
     case 0:
         break;
     case 1:
-        ch_fail(call, CH_CODE_RESOURCE_EXHAUSTED, "too many wrong codes for this phone; try again in %lld s", wait);
+        ch_fail_retry_after(call, CH_CODE_RESOURCE_EXHAUSTED, (int)wait,
+                            "too many wrong codes for this phone; try again in %lld s", wait);
         return;
     case 2:
-        ch_fail(call, CH_CODE_RESOURCE_EXHAUSTED, "a code was sent less than a minute ago; try again in %lld s", wait);
+        ch_fail_retry_after(call, CH_CODE_RESOURCE_EXHAUSTED, (int)wait,
+                            "a code was sent less than a minute ago; try again in %lld s", wait);
         return;
     case 3:
-        ch_fail(call, CH_CODE_RESOURCE_EXHAUSTED, "too many codes for this phone this hour; try again in %lld s", wait);
+        ch_fail_retry_after(call, CH_CODE_RESOURCE_EXHAUSTED, (int)wait,
+                            "too many codes for this phone this hour; try again in %lld s", wait);
         return;
     case 4:
-        ch_fail(call, CH_CODE_RESOURCE_EXHAUSTED, "too many codes requested from this address; try again in %lld s",
-                wait);
+        ch_fail_retry_after(call, CH_CODE_RESOURCE_EXHAUSTED, (int)wait,
+                            "too many codes requested from this address; try again in %lld s", wait);
         return;
     default:
         ch_fail_err(call, CH_EUNAVAIL);
@@ -545,7 +548,8 @@ static void on_code_checked(ch_call_t *call, redisReply *reply, int err)
         break;
     case 1:
     case 2:
-        ch_fail(call, CH_CODE_RESOURCE_EXHAUSTED, "too many wrong codes for this phone; try again in %lld s", wait);
+        ch_fail_retry_after(call, CH_CODE_RESOURCE_EXHAUSTED, (int)wait,
+                            "too many wrong codes for this phone; try again in %lld s", wait);
         return;
     case 3:
         ch_fail(call, CH_CODE_UNAUTHENTICATED, MSG_BAD_CODE);
