@@ -512,6 +512,26 @@ static void on_pg_result(void *arg, ch_pg_result_t *result)
     free(op);
 }
 
+void ch_call_hold(ch_call_t *call)
+{
+    ++call->refs;
+}
+
+void ch_call_unhold(ch_call_t *call)
+{
+    call_release(call);
+}
+
+int ch_call_gone(const ch_call_t *call)
+{
+    return call->req == NULL || call->answered;
+}
+
+int ch_call_pg_detached(ch_call_t *call, const ch_pg_query_t *queries, int n, ch_pg_cb cb, void *arg)
+{
+    return ch_pg_submit(call->thread->pg, queries, n, cb, arg);
+}
+
 int ch_call_pg(ch_call_t *call, const ch_pg_query_t *queries, int n, ch_call_pg_cb cb)
 {
     ch_call_op_t *op = op_new(call);

@@ -2,6 +2,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -464,76 +465,217 @@ static const char lua_check[] = "local t = redis.call('TTL', KEYS[1])\n"
                                 "end\n"
                                 "return {3, 0}\n";
 
-/*
- * The first login creates the account, every login records itself; the session and its first refresh
- * token are written by the same statement, so that a committed login is always complete.
- * $1 new citizen id (used only for a new account), $2 phone hmac (hex), $3 phone ciphertext (hex),
- * $4 session id, $5 absolute expiry (Unix seconds), $6 client, $7 refresh token hash (hex).
- * real_name_verified_at is 0003's column (real-name binding).
- */
-static const ch_pg_stmt_t stmt_login = {
-    "identity_citizen_login",
-    "WITH c AS ("
-    "  INSERT INTO citizens (citizen_id, phone_hmac, phone_enc) VALUES ($1::uuid, decode($2, 'hex'), decode($3, 'hex'))"
-    "  ON CONFLICT (phone_hmac) DO UPDATE SET last_login_at = now()"
-    "  RETURNING citizen_id, real_name_verified_at IS NOT NULL AS verified"
-    "), s AS ("
-    "  INSERT INTO sessions (session_id, role, subject, expires_at, client)"
-    "  SELECT $4::uuid, 'citizen', c.citizen_id::text, to_timestamp($5::bigint), $6 FROM c"
-    "  RETURNING session_id"
-    "), r AS ("
-    "  INSERT INTO refresh_tokens (token_hash, session_id) SELECT decode($7, 'hex'), s.session_id FROM s"
-    "  RETURNING session_id"
-    ") SELECT c.citizen_id::text, c.verified FROM c, r",
-    7};
-
 typedef struct login_state {
     phone_ref_t ref;
     char phone[12];
     char digest[65];
     long long otp_left_ms; /* what the consumed code had left, to restore it if the database fails */
-    char citizen_id[37];
-    char session_id[37];
-    char refresh[44];
-    char refresh_hash[65];
-    int64_t expires_at;
 } login_state_t;
+
+/*
+ * Group commit. A login is durable once its account, session and first refresh token are committed, and a
+ * commit waits for a WAL flush: one transaction per login caps logins/s at what the disk flushes, with the
+ * CPU mostly idle. So the logins of one loop thread whose code matched while earlier batches were in
+ * flight are written together: one statement, one transaction, one flush for up to BATCH_MAX logins. At low
+ * load a batch holds one login and nothing waits; under load batches grow by themselves.
+ *
+ * The statement creates missing accounts (ON CONFLICT finds existing ones by phone hash and records the
+ * login), then the sessions and refresh tokens, and returns (session_id, citizen_id, real name verified)
+ * per login. Arrays, one element per login: $1 new citizen ids (used only for new accounts), $2 phone
+ * hmacs (hex), $3 phone ciphertexts (hex), $4 session ids, $5 absolute expiries (Unix seconds), $6 clients,
+ * $7 refresh token hashes (hex). real_name_verified_at is 0003's column (real-name binding).
+ */
+static const ch_pg_stmt_t stmt_login_batch = {
+    "identity_citizen_login_batch",
+    "WITH i AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::bigint[], $6::text[], "
+    "  $7::text[]) AS t(cid, ph, enc, sid, exp, client, rh)), "
+    "c AS ("
+    "  INSERT INTO citizens (citizen_id, phone_hmac, phone_enc) SELECT cid, decode(ph, 'hex'), decode(enc, 'hex') FROM "
+    "i"
+    "  ON CONFLICT (phone_hmac) DO UPDATE SET last_login_at = now()"
+    "  RETURNING citizen_id, phone_hmac, real_name_verified_at IS NOT NULL AS verified"
+    "), s AS ("
+    "  INSERT INTO sessions (session_id, role, subject, expires_at, client)"
+    "  SELECT i.sid, 'citizen', c.citizen_id::text, to_timestamp(i.exp), i.client FROM i JOIN c ON c.phone_hmac = "
+    "decode(i.ph, 'hex')"
+    "  RETURNING session_id"
+    "), r AS ("
+    "  INSERT INTO refresh_tokens (token_hash, session_id) SELECT decode(i.rh, 'hex'), s.session_id FROM i JOIN s ON "
+    "s.session_id = i.sid"
+    "  RETURNING session_id"
+    ") SELECT r.session_id::text, c.citizen_id::text, c.verified FROM r JOIN i ON i.sid = r.session_id "
+    "JOIN c ON c.phone_hmac = decode(i.ph, 'hex')",
+    7};
+
+/* Per thread: logins in a batch, batches in flight at once (spread over the thread's connections), and the
+ * bound of the queue of logins waiting for a batch (beyond it: 503). */
+enum { BATCH_MAX = 64, BATCH_INFLIGHT_MAX = 4, BATCH_QUEUE_MAX = 4096 };
+
+/* One login waiting for its batch: its own copy of everything, since its request may die meanwhile. */
+typedef struct login_entry {
+    ch_call_t *call; /* held (ch_call_hold) until answered or dropped */
+    char cid[37], ph[65], enc[2 * (12 + 11 + 16) + 1], sid[37], client[49], rh[65], exp[24];
+    char refresh[44], key_otp[80], digest[65];
+    long long otp_left_ms;
+    int64_t expires_at;
+} login_entry_t;
+
+/* A loop thread's queue; only that thread touches it. */
+typedef struct login_batcher {
+    login_entry_t *queue[BATCH_QUEUE_MAX]; /* ring */
+    unsigned head, len, inflight;
+} login_batcher_t;
+
+static login_batcher_t batchers[64]; /* by loop thread (at most 64: config.c) */
+
+typedef struct login_batch {
+    login_batcher_t *b;
+    unsigned n;
+    login_entry_t *e[BATCH_MAX];
+} login_batch_t;
+
+static void batch_kick(login_batcher_t *b);
 
 static void on_code_restored(ch_call_t *call, redisReply *reply, int err)
 {
     ch_fail_err(call, CH_EUNAVAIL);
 }
 
-static void on_login_committed(ch_call_t *call, ch_pg_result_t *r)
+static void entry_fail(login_entry_t *e, int err)
 {
-    login_state_t *st = ch_call_data(call);
-    if (r->err != 0 || PQntuples(r->res[0]) != 1) {
-        int err = r->err != 0 ? r->err : CH_EDB;
-        if (err != CH_EDB && st->otp_left_ms > 0) {
-            /*
-             * The database was unreachable: give the code back for the time it had left, so that the
-             * citizen can retry without a new SMS. (If the commit did happen after all, the retry only
-             * opens a second session.)
-             */
+    ch_call_t *call = e->call;
+    if (!ch_call_gone(call)) {
+        int answered = 0;
+        if (err != CH_EDB && e->otp_left_ms > 0) {
+            /* the database was unreachable: give the code back for the time it had left */
             char px[24];
-            snprintf(px, sizeof(px), "%lld", st->otp_left_ms);
-            const char *argv[] = {"SET", st->ref.key_otp, st->digest, "PX", px, "NX"};
-            if (ch_call_redis(call, on_code_restored, 6, argv, NULL) == 0)
-                return;
+            snprintf(px, sizeof(px), "%lld", e->otp_left_ms);
+            const char *argv[] = {"SET", e->key_otp, e->digest, "PX", px, "NX"};
+            answered = ch_call_redis(call, on_code_restored, 6, argv, NULL) == 0;
         }
-        ch_fail_err(call, err);
-        return;
+        if (!answered)
+            ch_fail_err(call, err);
     }
-    snprintf(st->citizen_id, sizeof(st->citizen_id), "%s", PQgetvalue(r->res[0], 0, 0));
-    ch_principal_t p = {
-        .role = CH_ROLE_CITIZEN, .subject = st->citizen_id, .session_id = st->session_id, .expires_at = st->expires_at};
-    TokenResponse *resp = ch_call_alloc(call, sizeof(*resp));
-    if (identity_token_response(call, &p, st->refresh, resp) != 0) {
-        ch_fail(call, CH_CODE_INTERNAL, "could not sign the access token");
-        return;
+    ch_call_unhold(call);
+    free(e);
+}
+
+static void entry_answer(login_entry_t *e, const char *citizen_id, int verified)
+{
+    ch_call_t *call = e->call;
+    if (!ch_call_gone(call)) {
+        ch_principal_t p = {.role = CH_ROLE_CITIZEN,
+                            .subject = ch_call_strdup(call, citizen_id),
+                            .session_id = ch_call_strdup(call, e->sid),
+                            .expires_at = e->expires_at};
+        TokenResponse *resp = ch_call_alloc(call, sizeof(*resp));
+        if (identity_token_response(call, &p, e->refresh, resp) != 0) {
+            ch_fail(call, CH_CODE_INTERNAL, "could not sign the access token");
+        } else {
+            resp->real_name_verified = verified;
+            ch_reply(call, 200, &resp->base);
+        }
     }
-    resp->real_name_verified = strcmp(PQgetvalue(r->res[0], 0, 1), "t") == 0;
-    ch_reply(call, 200, &resp->base);
+    ch_call_unhold(call);
+    free(e);
+}
+
+static void on_batch_committed(void *arg, ch_pg_result_t *r)
+{
+    login_batch_t *batch = arg;
+    login_batcher_t *b = batch->b;
+    --b->inflight;
+    if (r->err != 0) {
+        for (unsigned i = 0; i < batch->n; ++i)
+            entry_fail(batch->e[i], r->err);
+    } else {
+        PGresult *res = r->res[0];
+        int rows = PQntuples(res);
+        for (unsigned i = 0; i < batch->n; ++i) {
+            int row = -1;
+            for (int j = 0; j < rows && row < 0; ++j)
+                if (strcmp(PQgetvalue(res, j, 0), batch->e[i]->sid) == 0)
+                    row = j;
+            if (row < 0)
+                entry_fail(batch->e[i], CH_EDB);
+            else
+                entry_answer(batch->e[i], PQgetvalue(res, row, 1), strcmp(PQgetvalue(res, row, 2), "t") == 0);
+        }
+    }
+    free(batch);
+    batch_kick(b);
+}
+
+/* Appends "{a,b,...}" of one field of the batch's entries (values never need quoting: hex, digits, uuids,
+ * [A-Za-z0-9./_+-]). */
+static char *array_literal(login_batch_t *batch, size_t offset)
+{
+    size_t len = 3;
+    for (unsigned i = 0; i < batch->n; ++i)
+        len += strlen((char *)batch->e[i] + offset) + 1;
+    char *out = malloc(len), *p = out;
+    if (out == NULL)
+        abort();
+    *p++ = '{';
+    for (unsigned i = 0; i < batch->n; ++i) {
+        if (i != 0)
+            *p++ = ',';
+        size_t n = strlen((char *)batch->e[i] + offset);
+        memcpy(p, (char *)batch->e[i] + offset, n);
+        p += n;
+    }
+    *p++ = '}';
+    *p = '\0';
+    return out;
+}
+
+static void batch_kick(login_batcher_t *b)
+{
+    while (b->len != 0 && b->inflight < BATCH_INFLIGHT_MAX) {
+        login_batch_t *batch = calloc(1, sizeof(*batch));
+        if (batch == NULL)
+            abort();
+        batch->b = b;
+        /* take up to BATCH_MAX entries in order, leaving a second login of a phone already in the batch for the next
+         * (ON CONFLICT DO UPDATE cannot touch one row twice in one statement) */
+        unsigned kept = 0, n = b->len;
+        login_entry_t *later[BATCH_MAX];
+        for (unsigned k = 0; k < n && batch->n < BATCH_MAX; ++k) {
+            login_entry_t *e = b->queue[b->head];
+            b->head = (b->head + 1) % BATCH_QUEUE_MAX;
+            --b->len;
+            int dup = 0;
+            for (unsigned j = 0; j < batch->n && !dup; ++j)
+                dup = strcmp(batch->e[j]->ph, e->ph) == 0;
+            if (dup && kept < BATCH_MAX)
+                later[kept++] = e;
+            else if (dup)
+                entry_fail(e, CH_EFULL);
+            else
+                batch->e[batch->n++] = e;
+        }
+        for (unsigned k = 0; k < kept; ++k) { /* back to the front, in order */
+            b->head = (b->head + BATCH_QUEUE_MAX - 1) % BATCH_QUEUE_MAX;
+            ++b->len;
+            b->queue[b->head] = later[kept - 1 - k];
+        }
+        char *v[7] = {
+            array_literal(batch, offsetof(login_entry_t, cid)), array_literal(batch, offsetof(login_entry_t, ph)),
+            array_literal(batch, offsetof(login_entry_t, enc)), array_literal(batch, offsetof(login_entry_t, sid)),
+            array_literal(batch, offsetof(login_entry_t, exp)), array_literal(batch, offsetof(login_entry_t, client)),
+            array_literal(batch, offsetof(login_entry_t, rh))};
+        ch_pg_query_t q = {&stmt_login_batch, (const char *const *)v, NULL};
+        int ret = ch_call_pg_detached(batch->e[0]->call, &q, 1, on_batch_committed, batch);
+        for (int i = 0; i < 7; ++i)
+            free(v[i]);
+        if (ret != 0) {
+            for (unsigned i = 0; i < batch->n; ++i)
+                entry_fail(batch->e[i], ret);
+            free(batch);
+            return;
+        }
+        ++b->inflight;
+    }
 }
 
 static void on_code_checked(ch_call_t *call, redisReply *reply, int err)
@@ -559,27 +701,40 @@ static void on_code_checked(ch_call_t *call, redisReply *reply, int err)
         return;
     }
 
-    char citizen_id[37];
-    identity_uuid(citizen_id);
-    identity_uuid(st->session_id);
-    identity_secret(st->refresh);
-    identity_secret_hash(st->refresh, st->refresh_hash);
-    st->expires_at = (int64_t)time(NULL) + SESSION_ABSOLUTE_S;
+    login_batcher_t *b = &batchers[ch_call_thread(call) % 64];
+    login_entry_t *e = calloc(1, sizeof(*e));
+    if (e == NULL)
+        abort();
+    e->call = call;
+    identity_uuid(e->cid);
+    identity_uuid(e->sid);
+    identity_secret(e->refresh);
+    identity_secret_hash(e->refresh, e->rh);
+    snprintf(e->ph, sizeof(e->ph), "%s", st->ref.hex);
+    snprintf(e->key_otp, sizeof(e->key_otp), "%s", st->ref.key_otp);
+    snprintf(e->digest, sizeof(e->digest), "%s", st->digest);
+    snprintf(e->client, sizeof(e->client), "%s", client_class(call));
+    e->otp_left_ms = st->otp_left_ms;
+    e->expires_at = (int64_t)time(NULL) + SESSION_ABSOLUTE_S;
+    snprintf(e->exp, sizeof(e->exp), "%" PRId64, e->expires_at);
     ch_buf_t sealed = {0};
     ch_pii_encrypt(ch_pii, st->phone, strlen(st->phone), &sealed);
-    char *enc_hex = ch_call_alloc(call, sealed.len * 2 + 1);
-    ch_hex((const uint8_t *)sealed.base, sealed.len, enc_hex);
-    ch_buf_free(&sealed);
-
-    const char *v[7] = {
-        citizen_id,         st->ref.hex,     enc_hex, st->session_id, ch_call_printf(call, "%" PRId64, st->expires_at),
-        client_class(call), st->refresh_hash};
-    ch_pg_query_t q = {&stmt_login, v, NULL};
-    int ret = ch_call_pg(call, &q, 1, on_login_committed);
-    if (ret != 0) {
-        ch_pg_result_t fake = {.err = ret};
-        on_login_committed(call, &fake);
+    if (sealed.len * 2 + 1 > sizeof(e->enc)) { /* nonce || ciphertext || tag of 11 digits is 39 bytes */
+        ch_buf_free(&sealed);
+        free(e);
+        ch_fail(call, CH_CODE_INTERNAL, "internal error");
+        return;
     }
+    ch_hex((const uint8_t *)sealed.base, sealed.len, e->enc);
+    ch_buf_free(&sealed);
+    ch_call_hold(call);
+    if (b->len == BATCH_QUEUE_MAX) {
+        entry_fail(e, CH_EFULL);
+        return;
+    }
+    b->queue[(b->head + b->len) % BATCH_QUEUE_MAX] = e;
+    ++b->len;
+    batch_kick(b);
 }
 
 void identity_login(ch_call_t *call)
@@ -831,6 +986,12 @@ void identity_session_delete(ch_call_t *call)
 }
 
 const ch_pg_stmt_t *const identity_login_stmts[] = {
-    &identity_stmt_session_insert, &identity_stmt_refresh_insert, &stmt_login, &stmt_refresh, &stmt_logout,
-    &stmt_sessions_list,           &stmt_session_revoke,          NULL,
+    &identity_stmt_session_insert,
+    &identity_stmt_refresh_insert,
+    &stmt_login_batch,
+    &stmt_refresh,
+    &stmt_logout,
+    &stmt_sessions_list,
+    &stmt_session_revoke,
+    NULL,
 };

@@ -161,6 +161,16 @@ typedef void (*ch_work_fn)(void *arg);
 typedef void (*ch_call_work_cb)(ch_call_t *call, void *arg);
 int ch_call_work(ch_call_t *call, ch_work_fn work, ch_call_work_cb done, const void *arg, size_t size);
 
+/**
+ * Work shared by several calls (group commit). ch_call_hold keeps the call object (not the request) valid
+ * until ch_call_unhold; ch_call_gone tells whether it may still be answered. ch_call_pg_detached runs
+ * statements on the call's thread pool and calls cb(arg, result) exactly once whatever becomes of the call.
+ */
+void ch_call_hold(ch_call_t *call);
+void ch_call_unhold(ch_call_t *call);
+int ch_call_gone(const ch_call_t *call);
+int ch_call_pg_detached(ch_call_t *call, const ch_pg_query_t *queries, int n, ch_pg_cb cb, void *arg);
+
 /** The client's IP address as text (for per-IP limits; never logged with personal data). */
 const char *ch_call_peer(ch_call_t *call);
 
