@@ -360,6 +360,7 @@ static void send_response(ch_call_t *call, int status, h2o_iovec_t content_type,
     /* `body` lives in the request pool (or is static): hand it to h2o without another copy */
     static h2o_generator_t generator = {NULL, NULL};
     h2o_iovec_t buf = h2o_iovec_init(body, len);
+    req->res.content_length = len;
     h2o_start_response(req, &generator);
     h2o_send(req, &buf, 1, H2O_SEND_STATE_FINAL);
 }
