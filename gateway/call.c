@@ -545,6 +545,18 @@ int ch_call_pg(ch_call_t *call, const ch_pg_query_t *queries, int n, ch_call_pg_
     return ret;
 }
 
+int ch_call_pg_read(ch_call_t *call, const ch_pg_query_t *queries, int n, ch_call_pg_cb cb)
+{
+    ch_call_op_t *op = op_new(call);
+    op->cb.pg = cb;
+    int ret = ch_pg_submit_read(call->thread->pg, queries, n, on_pg_result, op);
+    if (ret != 0) {
+        --call->refs;
+        free(op);
+    }
+    return ret;
+}
+
 static void on_redis_reply(void *arg, redisReply *reply, int err)
 {
     ch_call_op_t *op = arg;
@@ -723,7 +735,7 @@ void ch_call_idempotency_replay(ch_call_t *call)
 {
     const char *v[2] = {idem_scope(call), call->idem_key};
     ch_pg_query_t q = {&stmt_idem_get, v, NULL};
-    int ret = ch_call_pg(call, &q, 1, on_idem_lookup);
+    int ret = ch_call_pg_read(call, &q, 1, on_idem_lookup);
     if (ret != 0)
         ch_fail_err(call, ret);
 }
@@ -932,7 +944,7 @@ static int idempotency_or_respond(ch_call_t *call)
     EVP_MD_CTX_free(sha);
     const char *values[2] = {idem_scope(call), call->idem_key};
     ch_pg_query_t q = {&stmt_idem_get, values, NULL};
-    int ret = ch_call_pg(call, &q, 1, on_idem_lookup);
+    int ret = ch_call_pg_read(call, &q, 1, on_idem_lookup);
     if (ret != 0)
         ch_fail_err(call, ret);
     return 1; /* continues in on_idem_lookup */

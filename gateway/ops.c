@@ -46,7 +46,7 @@ static void readyz(ch_call_t *call)
     r->pending = 1; /* held until both are submitted, so an early reply cannot finish the call */
     ch_call_set_data(call, r);
     ch_pg_query_t q = {&stmt_ready, NULL, NULL};
-    if (ch_call_pg(call, &q, 1, on_ready_pg) == 0)
+    if (ch_call_pg_read(call, &q, 1, on_ready_pg) == 0)
         ++r->pending;
     const char *argv[] = {"PING"};
     if (ch_call_redis(call, on_ready_redis, 1, argv, NULL) == 0)

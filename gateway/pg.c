@@ -1,9 +1,12 @@
 /* Asynchronous PostgreSQL on an h2o event loop: per-thread pools of pipelined libpq connections with deadlines. */
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -24,8 +27,13 @@
 /* A connection that breaks sooner than this after coming up keeps growing its backoff, so a server that accepts
  * and immediately drops us is not hammered with reconnects. */
 #define CH_PG_STABLE_MS 1000
-/* A read aborted by batch-mates' failures this many times is sent alone next, where nobody else can abort it. */
+/* A read aborted by batch-mates' failures more than this many times is sent alone, where nobody else can abort it. */
 #define CH_PG_READ_REBATCH 1
+/* A read is sent again at most this many times in all (see conn_process on 26000). */
+#define CH_PG_READ_RESENDS 3
+/* Reads per sync at most: bounds what one failing read makes the server skip (and us send again), and how long the
+ * first read of a batch waits for the server to flush its result. One sync per 128 reads costs next to nothing. */
+#define CH_PG_BATCH_MAX 128
 
 enum conn_state {
     CONN_BACKOFF,    /* closed, waiting until due_at to try again */
@@ -61,10 +69,10 @@ typedef struct ch_pg_sub {
     ch_pg_subq_t *q;
     size_t *prep; /* statements re-prepared in front of the queries (indexes in pool->stmts), up to n */
     int nprep;
-    int pgot; /* results of those prepares received so far */
+    int pgot;     /* results of those prepares received so far */
     int read;     /* from ch_pg_submit_read: may share a sync with other reads, and may be sent again */
     int own_sync; /* this dispatch ended with its own sync; otherwise it is in a batch of reads */
-    int victim;   /* this dispatch was aborted by a batch-mate's failure, not by its own */
+    int victim;   /* a read that failed in this dispatch through another submission's failure: sent again */
     int aborts;   /* how many times that happened */
 } ch_pg_sub_t;
 
@@ -83,13 +91,19 @@ struct ch_pg_conn {
     h2o_linklist_t retry;
     unsigned batch_open;  /* reads sent since the last sync; the end of the loop iteration sends their sync */
     unsigned loose_syncs; /* syncs closing a batch of reads whose PGRES_PIPELINE_SYNC has not come back yet */
-    unsigned prepared; /* statements whose prepare has completed (sync received) */
+    unsigned prepared;    /* statements whose prepare has completed (sync received) */
     /* Per statement: 0 prepared, STMT_UNPREPARED when preparing it failed (its table may not exist yet: `serve`
      * started before `migrate`), STMT_PREPARING while a retry is in the pipeline. */
     unsigned char *stmt_state;
     int broken; /* CH_E* to tear down with at the next safe point; set where callbacks must not run */
     int poke;   /* results may sit in libpq's buffer without the socket being readable */
     int ever_up;
+    /* libpq 15 flushes at every sync (PQsendPipelineSync is 17+), so each write is a send() of its own. Over TCP, the
+     * second flushing send in a loop iteration corks the socket and on_defer uncorks it: the writes of an iteration
+     * leave as one segment, and the server wakes up once for them. Each still has its own sync. */
+    int can_cork;
+    int corked;
+    unsigned flushes;  /* flushing sends in this loop iteration */
     unsigned attempts; /* consecutive failed attempts, the backoff exponent */
     uint64_t due_at;   /* ms on the loop clock */
     uint64_t up_since;
@@ -336,11 +350,39 @@ static void conn_flush(ch_pg_conn_t *conn)
     }
 }
 
+/* Called before each send that flushes (a sync): from the second in a loop iteration on, hold TCP segments back. */
+static void conn_cork(ch_pg_conn_t *conn)
+{
+    int one = 1;
+
+    if (conn->flushes++ == 0 || conn->corked || !conn->can_cork)
+        return;
+    if (setsockopt(PQsocket(conn->pq), IPPROTO_TCP, TCP_CORK, &one, sizeof(one)) == 0)
+        conn->corked = 1;
+    else
+        conn->can_cork = 0;
+    defer_arm(conn->pool);
+}
+
+/* End of the loop iteration: let everything out. Even if this failed, the kernel sends corked data within 200 ms. */
+static void conn_uncork(ch_pg_conn_t *conn)
+{
+    int zero = 0;
+
+    conn->flushes = 0;
+    if (!conn->corked)
+        return;
+    conn->corked = 0;
+    if (conn->pq != NULL && setsockopt(PQsocket(conn->pq), IPPROTO_TCP, TCP_CORK, &zero, sizeof(zero)) != 0)
+        conn->can_cork = 0;
+}
+
 /* Ends the open batch of reads with one sync, which also flushes everything since the last one: one send() for the
  * batch, and one flush of the server's output for all of it. Never calls a callback. */
 static void conn_sync_batch(ch_pg_conn_t *conn)
 {
     conn->batch_open = 0;
+    conn_cork(conn);
     if (!PQpipelineSync(conn->pq)) {
         conn_mark_broken(conn, CH_EUNAVAIL);
         return;
@@ -407,11 +449,14 @@ static void conn_dispatch(ch_pg_conn_t *conn, ch_pg_sub_t *sub)
         }
     }
     if (batched) {
-        if (conn->batch_open++ == 0)
+        if (++conn->batch_open == CH_PG_BATCH_MAX)
+            conn_sync_batch(conn);
+        else if (conn->batch_open == 1)
             defer_arm(pool);
         return;
     }
     /* the sync closes the implicit transaction: all n statements commit, or none */
+    conn_cork(conn);
     if (!PQpipelineSync(conn->pq)) {
         conn_mark_broken(conn, CH_EUNAVAIL);
         return;
@@ -440,6 +485,8 @@ static void conn_close(ch_pg_conn_t *conn)
     conn->prepared = 0;
     conn->batch_open = 0;
     conn->loose_syncs = 0;
+    conn->corked = 0;
+    conn->flushes = 0;
 }
 
 static void conn_schedule_retry(ch_pg_conn_t *conn)
@@ -563,6 +610,12 @@ static void conn_connected(ch_pg_conn_t *conn)
         return;
     }
     PQsetNoticeProcessor(conn->pq, on_notice, NULL);
+    {
+        struct sockaddr_storage ss;
+        socklen_t len = sizeof(ss);
+        conn->can_cork = getsockname(PQsocket(conn->pq), (struct sockaddr *)&ss, &len) == 0 &&
+                         (ss.ss_family == AF_INET || ss.ss_family == AF_INET6);
+    }
     memset(conn->stmt_state, STMT_PREPARED, pool->nstmts);
     /* a sync after each prepare isolates a statement that fails to prepare (say, a missing migration) instead
      * of aborting every statement after it; it costs no round trip, the whole batch is still one flight */
@@ -674,13 +727,33 @@ static void on_prepare_result(ch_pg_conn_t *conn, PGresult *res)
     PQclear(res);
 }
 
-/* The head submission's own sync arrived: it is complete. */
+/* Clears what a read got before it was aborted, so that it can be sent again. */
+static void sub_reset_for_resend(ch_pg_sub_t *sub)
+{
+    for (int i = 0; i != sub->n; ++i) {
+        PQclear(sub->res[i]);
+        sub->res[i] = NULL;
+    }
+    sub->ngot = 0;
+    ++sub->aborts;
+    ++sub->pool->resent;
+}
+
+/* The head submission's own sync arrived: it is complete, or, a read that found its statement unprepared because
+ * of another submission's failure, sent again (the server is past its sync). */
 static void conn_finish_head(ch_pg_conn_t *conn)
 {
     ch_pg_pool_t *pool = conn->pool;
     ch_pg_sub_t *sub = H2O_STRUCT_FROM_MEMBER(ch_pg_sub_t, link, conn->inflight.next);
 
     h2o_linklist_unlink(&sub->link);
+    if (sub->victim) {
+        --conn->ninflight;
+        --pool->ninflight;
+        sub_reset_for_resend(sub);
+        conn_dispatch(conn, sub);
+        return;
+    }
     h2o_timeout_unlink(&sub->deadline);
     --conn->ninflight;
     --pool->ninflight;
@@ -698,12 +771,7 @@ static void conn_finish_batched(ch_pg_conn_t *conn, ch_pg_sub_t *sub)
 
     h2o_linklist_unlink(&sub->link);
     if (sub->victim) {
-        for (int i = 0; i != sub->n; ++i) {
-            PQclear(sub->res[i]);
-            sub->res[i] = NULL;
-        }
-        sub->ngot = 0;
-        ++sub->aborts;
+        sub_reset_for_resend(sub);
         h2o_linklist_insert(&conn->retry, &sub->link);
         return;
     }
@@ -737,9 +805,15 @@ static void conn_on_sync(ch_pg_conn_t *conn)
         h2o_linklist_unlink(&sub->link);
         --conn->ninflight;
         --conn->pool->ninflight;
-        ++conn->pool->resent;
         conn_dispatch(conn, sub);
     }
+}
+
+/* 26000, invalid_sql_statement_name: a prepared statement that does not exist on this connection. */
+static int is_unprepared_error(const PGresult *res)
+{
+    const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+    return state != NULL && strcmp(state, "26000") == 0;
 }
 
 /* Takes every result libpq can hand out without blocking. Top level only: it calls callbacks, which may submit
@@ -788,6 +862,19 @@ static void conn_process(ch_pg_conn_t *conn)
         ch_pg_sub_t *sub = H2O_STRUCT_FROM_MEMBER(ch_pg_sub_t, link, conn->inflight.next);
         switch (st) {
         case PGRES_FATAL_ERROR:
+            if (sub->pgot == sub->nprep && sub->read && sub->err == 0 && sub->aborts < CH_PG_READ_RESENDS &&
+                is_unprepared_error(res)) {
+                /* The statement was sent behind a prepare the server then skipped, because of another submission's
+                 * failure (a multi-statement submission whose first prepare failed). Not this read's fault: it is
+                 * sent again, after its sync, and prepares the statement itself. */
+                size_t idx = sub->q[sub->ngot].idx;
+                if (conn->stmt_state[idx] == STMT_PREPARED)
+                    conn->stmt_state[idx] = STMT_UNPREPARED;
+                sub->victim = 1;
+                ++sub->ngot;
+                PQclear(res);
+                break;
+            }
             if (sub->err_res == NULL)
                 sub->err_res = res;
             else
@@ -848,8 +935,9 @@ static void on_readable(h2o_socket_t *sock, const char *err)
         conn_mark_broken(conn, CH_EUNAVAIL);
     } else {
         conn_process(conn);
-        /* a callback may have closed nothing but may have sent more; keep the output moving */
-        if (conn->broken == 0)
+        /* a callback may have closed nothing but may have sent more; keep the output moving, except an open batch's:
+         * on_defer sends it with its sync, in one send(), and the server wakes up once for both */
+        if (conn->broken == 0 && conn->batch_open == 0)
             conn_flush(conn);
     }
     conn_after_io(conn);
@@ -920,6 +1008,7 @@ static void on_defer(h2o_timeout_entry_t *entry)
         ch_pg_conn_t *conn = &pool->conns[i];
         if (conn->broken == 0 && conn->batch_open != 0 && conn->state == CONN_UP)
             conn_sync_batch(conn);
+        conn_uncork(conn);
         if (conn->broken == 0 && conn->poke && (conn->state == CONN_UP || conn->state == CONN_PREPARING)) {
             conn->poke = 0;
             conn_process(conn);

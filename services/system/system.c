@@ -76,7 +76,7 @@ static void system_info(ch_call_t *call)
     ch_call_set_data(call, st);
 
     ch_pg_query_t q = {&system_stmt_now, NULL, NULL};
-    int ret = ch_call_pg(call, &q, 1, on_info_db);
+    int ret = ch_call_pg_read(call, &q, 1, on_info_db);
     if (ret == 0)
         ++st->pending;
     else

@@ -37,6 +37,9 @@ static const ch_pg_stmt_t st_sleep = {"t_sleep", "SELECT pg_sleep($1::float8)", 
 static const ch_pg_stmt_t st_drop_late = {"t_drop_late", "DROP TABLE IF EXISTS ch_pg_loop_late", 0};
 static const ch_pg_stmt_t st_create_late = {"t_create_late", "CREATE TABLE ch_pg_loop_late (id int)", 0};
 static const ch_pg_stmt_t st_late = {"t_late", "SELECT count(*) FROM ch_pg_loop_late", 0};
+static const ch_pg_stmt_t st_drop_late2 = {"t_drop_late2", "DROP TABLE IF EXISTS ch_pg_loop_late2", 0};
+static const ch_pg_stmt_t st_create_late2 = {"t_create_late2", "CREATE TABLE ch_pg_loop_late2 (id int)", 0};
+static const ch_pg_stmt_t st_late2 = {"t_late2", "SELECT count(*) FROM ch_pg_loop_late2", 0};
 static const ch_pg_stmt_t st_div = {"t_div", "SELECT 100 / $1::int", 1};
 static const ch_pg_stmt_t st_pid = {"t_pid", "SELECT pg_backend_pid()", 0};
 static const ch_pg_stmt_t st_terminate = {"t_terminate", "SELECT pg_terminate_backend($1::int)", 1};
@@ -272,6 +275,62 @@ static void window_fill(window_t *w)
     }
 }
 
+/* --- a random mix of reads and writes, some failing, through a window: every outcome checked --- */
+
+typedef struct mix {
+    ch_pg_pool_t *pool;
+    int outstanding, window, remaining, wrong, refused;
+    unsigned long done;
+    uint64_t rng;
+} mix_t;
+
+typedef struct mix_op {
+    mix_t *m;
+    int fails, value, calls;
+    char buf[16];
+} mix_op_t;
+
+static void mix_fill(mix_t *m);
+
+static void on_mix(void *arg, ch_pg_result_t *r)
+{
+    mix_op_t *op = arg;
+    mix_t *m = op->m;
+    early_callbacks += in_submit;
+    if (op->fails)
+        m->wrong += r->err != CH_EDB || r->sqlstate == NULL || strcmp(r->sqlstate, "22012") != 0;
+    else
+        m->wrong += r->err != 0 || atoi(PQgetvalue(r->res[0], 0, 0)) != op->value + 1;
+    free(op);
+    --m->outstanding;
+    ++m->done;
+    mix_fill(m);
+}
+
+static void mix_fill(mix_t *m)
+{
+    while (m->outstanding < m->window && m->remaining > 0) {
+        m->rng = m->rng * 6364136223846793005ULL + 1442695040888963407ULL;
+        unsigned x = (unsigned)(m->rng >> 33);
+        mix_op_t *op = calloc(1, sizeof(*op));
+        op->m = m;
+        op->fails = x % 23 == 0; /* about 4 % of the operations divide by zero */
+        op->value = (int)(x % 1000);
+        snprintf(op->buf, sizeof(op->buf), "%d", op->fails ? 0 : op->value);
+        const char *v[1] = {op->buf};
+        ch_pg_query_t q = {op->fails ? &st_div : &st_add1, v, NULL};
+        int read = (x >> 8) % 4 != 0; /* three reads for one write */
+        int r = read ? submit_read(m->pool, &q, 1, on_mix, op) : submit(m->pool, &q, 1, on_mix, op);
+        --m->remaining;
+        if (r != 0) {
+            ++m->refused;
+            free(op);
+            continue;
+        }
+        ++m->outstanding;
+    }
+}
+
 /* A TCP port with nothing listening, and a listener that never accepts (the kernel completes the handshake). */
 static int closed_port(void)
 {
@@ -305,11 +364,12 @@ static int run_tests(const char *conninfo)
     /* Phase 1: the table must exist before an INSERT into it can be prepared, so a first pool creates it. */
     ch_pg_register(&st_create);
     ch_pg_register(&st_drop_late);
+    ch_pg_register(&st_drop_late2);
     ch_pg_config_t setup_cfg = {conninfo, 1, 16, 5000, 2000};
     ch_pg_pool_t *setup = ch_pg_pool_new(loop, &setup_cfg);
     tap_ok(setup != NULL, "a pool is created from a valid conninfo");
-    ch_pg_query_t create[2] = {{&st_create, NULL, NULL}, {&st_drop_late, NULL, NULL}};
-    c = run_one(setup, create, 2, &r);
+    ch_pg_query_t create[3] = {{&st_create, NULL, NULL}, {&st_drop_late, NULL, NULL}, {&st_drop_late2, NULL, NULL}};
+    c = run_one(setup, create, 3, &r);
     tap_ok(r == 0 && c.done && c.err == 0,
            "a submission queued while connecting runs once the connection is up "
            "(err=%d submit=%d)",
@@ -326,6 +386,8 @@ static int run_tests(const char *conninfo)
     ch_pg_register(&st_create_late);
     ch_pg_register(&st_late); /* its table does not exist yet, as when `serve` starts before `migrate` */
     ch_pg_register(&st_div);
+    ch_pg_register(&st_create_late2);
+    ch_pg_register(&st_late2); /* its table is created once a pool is up, as st_late's */
     ch_pg_register(&st_pid);
     ch_pg_register(&st_terminate);
     ch_pg_config_t cfg = {conninfo, 2, 20000, 5000, 2000};
@@ -414,7 +476,7 @@ static int run_tests(const char *conninfo)
     }
 
     {
-        window_t w = {pool, 0, 512, 200000, 0, 0};
+        window_t w = {pool, 0, 512, 200000, 0, 0, 0};
         uint64_t t0 = ch_now_us();
         window_fill(&w);
         while (w.outstanding > 0)
@@ -532,7 +594,7 @@ static int run_tests(const char *conninfo)
     }
 
     {
-        chain_t ch = {pool, 0, 100, 0, ""};
+        chain_t ch = {pool, 0, 100, 0, "", 0};
         const char *v[1] = {"0"};
         ch_pg_query_t q = {&st_add1, v, NULL};
         submit(pool, &q, 1, on_chain, &ch);
@@ -639,7 +701,8 @@ static int run_tests(const char *conninfo)
             const char *w1[2] = {"3001", "w1"}, *wdup[2] = {"3001", "dup"}, *w2[2] = {"3002", "w2"};
             ch_pg_query_t add = {&st_add1, one, NULL}, cnt = {&st_count, ids, NULL}, div0 = {&st_div, zero, NULL},
                           add5 = {&st_add1, five, NULL};
-            ch_pg_query_t ins1 = {&st_insert, w1, NULL}, insdup = {&st_insert, wdup, NULL}, ins2 = {&st_insert, w2, NULL};
+            ch_pg_query_t ins1 = {&st_insert, w1, NULL}, insdup = {&st_insert, wdup, NULL},
+                          ins2 = {&st_insert, w2, NULL};
             capture_t cs[9] = {{0}};
             ch_pg_pool_stats(rp, &s0);
             submit_read(rp, &add, 1, on_capture, &cs[0]);
@@ -659,13 +722,60 @@ static int run_tests(const char *conninfo)
                        strcmp(cs[8].values[0], "2") == 0,
                    "reads interleaved with writes on one connection see the writes before them (%s %s %s)",
                    cs[1].values[0], cs[3].values[0], cs[8].values[0]);
-            tap_ok(cs[2].err == 0 && cs[4].err == CH_EDB && cs[5].err == CH_EDB && strcmp(cs[5].sqlstate, "23505") == 0 &&
-                       cs[7].err == 0,
+            tap_ok(cs[2].err == 0 && cs[4].err == CH_EDB && cs[5].err == CH_EDB &&
+                       strcmp(cs[5].sqlstate, "23505") == 0 && cs[7].err == 0,
                    "the failing read and the failing write fail alone; the writes around them commit (%d %d %d %d)",
                    cs[2].err, cs[4].err, cs[5].err, cs[7].err);
             tap_ok(s1.syncs - s0.syncs == 7 && s1.resent == s0.resent,
                    "every write has a sync of its own: 3 writes and 4 batches of reads took 7 syncs (%llu)",
                    (unsigned long long)(s1.syncs - s0.syncs));
+        }
+
+        {
+            /* A write re-preparing two statements fails to prepare the first; the server skips the second's prepare.
+             * A read queued behind that prepare finds its statement missing (26000): not its fault, so it is
+             * prepared again and succeeds. */
+            ch_pg_config_t qcfg = {conninfo, 1, 100, 5000, 2000};
+            ch_pg_pool_t *qp = ch_pg_pool_new(loop, &qcfg);
+            wait_up(qp, 1, 5000);
+            ch_pg_query_t cq = {&st_create_late2, NULL, NULL};
+            capture_t cc = run_one(qp, &cq, 1, &r);
+            ch_pg_query_t two[2] = {{&st_broken, NULL, NULL}, {&st_late2, NULL, NULL}}, one = {&st_late2, NULL, NULL};
+            capture_t cw = {0}, cr = {0};
+            submit(qp, two, 2, on_capture, &cw);
+            submit_read(qp, &one, 1, on_capture, &cr);
+            run_until(&cr.done, 5000);
+            run_until(&cw.done, 5000);
+            tap_ok(cc.err == 0 && cw.calls == 1 && cw.err == CH_EDB && strcmp(cw.sqlstate, "42P01") == 0 &&
+                       cr.calls == 1 && cr.err == 0 && strcmp(cr.values[0], "0") == 0,
+                   "a read behind a prepare that another submission's failure skipped is prepared again and "
+                   "succeeds (write %d %s, read %d %s)",
+                   cw.err, cw.sqlstate, cr.err, cr.sqlstate);
+            ch_pg_pool_free(qp);
+        }
+
+        {
+            /* 300 reads at once, the 11th failing: batches of at most 128, so the server skips only 117 */
+            enum { N = 300 };
+            capture_t *cs = calloc(N, sizeof(*cs));
+            char(*bufs)[16] = calloc(N, sizeof(*bufs));
+            ch_pg_pool_stats(rp, &s0);
+            for (int i = 0; i != N; ++i) {
+                snprintf(bufs[i], sizeof(bufs[i]), "%d", i == 10 ? 0 : 1);
+                const char *v[1] = {bufs[i]};
+                ch_pg_query_t q = {&st_div, v, NULL};
+                submit_read(rp, &q, 1, on_capture, &cs[i]);
+            }
+            run_all(cs, N, 5000);
+            ch_pg_pool_stats(rp, &s1);
+            int good = all_called_once(cs, N) && cs[10].err == CH_EDB;
+            for (int i = 0; good && i != N; ++i)
+                good = i == 10 || (cs[i].err == 0 && strcmp(cs[i].values[0], "100") == 0);
+            tap_ok(good && s1.resent - s0.resent == 117 && s1.syncs - s0.syncs == 4,
+                   "300 reads with one failure: batches of 128 at most, 117 sent again (resent %llu, syncs %llu)",
+                   (unsigned long long)(s1.resent - s0.resent), (unsigned long long)(s1.syncs - s0.syncs));
+            free(cs);
+            free(bufs);
         }
 
         {
@@ -682,8 +792,8 @@ static int run_tests(const char *conninfo)
             end = ch_now_us() + 10000000;
             while (!chain_over(&mix) && ch_now_us() < end)
                 h2o_evloop_run(loop, 10);
-            tap_ok(mix.step == 100 && !mix.failed, "100 reads and writes chained by turns from callbacks complete (step=%d)",
-                   mix.step);
+            tap_ok(mix.step == 100 && !mix.failed,
+                   "100 reads and writes chained by turns from callbacks complete (step=%d)", mix.step);
         }
 
         {
@@ -703,7 +813,7 @@ static int run_tests(const char *conninfo)
         }
 
         {
-            /* an outage in the middle of a batch: the server ends our connection while the batch waits behind a sleep */
+            /* an outage mid-batch: the server ends our connection while the batch waits behind a sleep */
             capture_t cp = {0};
             ch_pg_query_t pq = {&st_pid, NULL, NULL};
             submit_read(rp, &pq, 1, on_capture, &cp);
@@ -753,6 +863,21 @@ static int run_tests(const char *conninfo)
                 closed &= cs[i].err == CH_ECLOSED;
             tap_ok(closed, "freeing the pool with a batch of reads not yet synced fails each once with CH_ECLOSED");
         }
+    }
+
+    {
+        mix_t m = {pool, 0, 256, 50000, 0, 0, 0, 12345};
+        ch_pg_stats_t s0, s1;
+        ch_pg_pool_stats(pool, &s0);
+        mix_fill(&m);
+        uint64_t end = ch_now_us() + 30000000;
+        while (m.outstanding > 0 && ch_now_us() < end)
+            h2o_evloop_run(loop, 10);
+        ch_pg_pool_stats(pool, &s1);
+        tap_ok(m.done == 50000 && m.wrong == 0 && m.refused == 0 && s1.inflight == 0,
+               "50000 reads and writes at random, 4%% failing, through a window of 256 on 2 connections: each gets "
+               "its own outcome (done=%lu wrong=%d refused=%d resent=%llu)",
+               m.done, m.wrong, m.refused, (unsigned long long)(s1.resent - s0.resent));
     }
 
     {
@@ -1176,10 +1301,9 @@ static int run_bench(const char *conninfo, int ms, int rounds)
     static const struct {
         int read, window;
         const char *name;
-    } cases[] = {{0, 512, "ch_pg_submit      window 512"},
-                 {1, 512, "ch_pg_submit_read window 512"},
-                 {0, 16, "ch_pg_submit      window 16 "},
-                 {1, 16, "ch_pg_submit_read window 16 "}};
+    } cases[] = {{0, 512, "ch_pg_submit      window 512"}, {1, 512, "ch_pg_submit_read window 512"},
+                 {0, 16, "ch_pg_submit      window 16 "},  {1, 16, "ch_pg_submit_read window 16 "},
+                 {0, 2, "ch_pg_submit      window 2  "},   {1, 2, "ch_pg_submit_read window 2  "}};
     enum { NC = sizeof(cases) / sizeof(cases[0]) };
     bench_row_t *rows = calloc((size_t)rounds * NC, sizeof(*rows));
     bench_run(pool, pids, npids, 1, 512, 300); /* warm-up */

@@ -131,6 +131,11 @@ typedef void (*ch_call_redis_cb)(ch_call_t *call, redisReply *reply, int err);
 /** Runs statements as one transaction on this thread's pool. On error returns CH_E* and never calls cb. */
 int ch_call_pg(ch_call_t *call, const ch_pg_query_t *queries, int n, ch_call_pg_cb cb);
 /**
+ * Like ch_call_pg for statements that change nothing (no writes, nextval(), FOR UPDATE, SET): reads of one
+ * loop iteration share one pipeline sync and one send (ch_pg_submit_read). Use it on hot read paths.
+ */
+int ch_call_pg_read(ch_call_t *call, const ch_pg_query_t *queries, int n, ch_call_pg_cb cb);
+/**
  * Runs the statements that create something, as one transaction. On an idempotent route called with an
  * Idempotency-Key, the key is claimed in that same transaction together with the answer the handler will
  * give (`status`, `response`), so a retry replays that answer exactly once the write committed, even if

@@ -82,14 +82,15 @@ int ch_pg_submit(ch_pg_pool_t *pool, const ch_pg_query_t *queries, int n, ch_pg_
 /**
  * Runs `n` read-only statements, with the contract of ch_pg_submit (same returns, same callback guarantees,
  * results in statement order), but cheaper under load: the reads submitted to a connection during one iteration
- * of the event loop go out back to back and share one pipeline sync, hence one send() and one flush of the
- * server's output, at the end of the iteration. So they share one implicit transaction with each other (never with
- * a write: ch_pg_submit ends an open batch first). When a statement fails, the server skips the rest of the batch:
- * the submission whose statement failed gets CH_EDB; the others the server skipped are sent again, transparently,
- * and may therefore run twice as far as the server is concerned (never as far as results go).
- * Use it only for statements that are idempotent and change nothing: no INSERT/UPDATE/DELETE, no nextval(), no
- * SELECT ... FOR UPDATE (its lock would last until the batch's sync), no SET. With n > 1 the statements still run
- * in order on one connection, but, as with ch_pg_submit under READ COMMITTED, each sees its own snapshot.
+ * of the event loop go out back to back and share one pipeline sync (up to 128 reads per sync), hence one send()
+ * and one flush of the server's output, at the end of the iteration. When a statement fails, the server skips the
+ * rest of the batch without running it: the submission whose statement failed gets CH_EDB; the ones it skipped are
+ * sent again, transparently (alone after a second such skip), and never fail because of another caller's error.
+ * Reads of a batch share one implicit transaction (never with a write: ch_pg_submit ends an open batch first), and
+ * a failure later in the batch rolls it back after earlier reads have reported success. So use it only for
+ * statements that change nothing: no INSERT/UPDATE/DELETE, no nextval() or other side effects, no SELECT ... FOR
+ * UPDATE (its lock would last until the batch's sync), no SET. With n > 1 the statements run in order on one
+ * connection, and, as with ch_pg_submit under READ COMMITTED, each sees its own snapshot.
  */
 int ch_pg_submit_read(ch_pg_pool_t *pool, const ch_pg_query_t *queries, int n, ch_pg_cb cb, void *arg);
 
