@@ -46,8 +46,6 @@ const ch_route_t *ch_router_route(const ch_router_t *router, unsigned index);
 
 /* ---- logging (log.c): JSON lines on stderr, never personal data ---- */
 
-enum { CH_LOG_DEBUG, CH_LOG_INFO, CH_LOG_WARN, CH_LOG_ERROR };
-void ch_log(int level, const char *event, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 /** Appends `s` JSON-escaped (without quotes) to `dst`; returns the bytes written (truncates at cap). */
 size_t ch_json_escape(char *dst, size_t cap, const char *s, size_t len);
 

@@ -48,6 +48,13 @@ enum {
 };
 #define CH_PUBLIC 0u
 
+/**
+ * Logs one JSON line on stderr: {"time","level","event","msg"}. `event` is a short snake_case name; the
+ * message never carries personal data (use masked forms or keyed hashes).
+ */
+enum { CH_LOG_DEBUG, CH_LOG_INFO, CH_LOG_WARN, CH_LOG_ERROR };
+void ch_log(int level, const char *event, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
 /** Monotonic clock in microseconds. */
 uint64_t ch_now_us(void);
 
