@@ -186,6 +186,22 @@ static SSL_CTX *tls_context_new(const ch_config_t *cfg, char *err, size_t errlen
     return ctx;
 }
 
+int ch_stmts_concat(const ch_pg_stmt_t **out, size_t cap, const ch_pg_stmt_t *const *const *lists, size_t nlists)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < nlists; ++i) {
+        for (const ch_pg_stmt_t *const *s = lists[i]; *s != NULL; ++s) {
+            if (n + 1 >= cap) {
+                ch_log(CH_LOG_ERROR, "startup_failed", "more than %zu prepared statements in one module", cap - 1);
+                return -1;
+            }
+            out[n++] = *s;
+        }
+    }
+    out[n] = NULL;
+    return 0;
+}
+
 static int routes_register(char *err, size_t errlen)
 {
     for (size_t m = 0; m < ch_nmodules; ++m) {

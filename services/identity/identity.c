@@ -46,18 +46,14 @@ static const ch_command_t commands[] = {
 };
 
 /* The statements of every identity file, prepared on each connection. */
-static const ch_pg_stmt_t *stmts[64];
+static const ch_pg_stmt_t *stmts[128];
 
 static int identity_init(const ch_config_t *config)
 {
-    const ch_pg_stmt_t *const *lists[] = {identity_login_stmts, identity_realname_stmts, identity_staff_stmts,
+    const ch_pg_stmt_t *const *const lists[] = {identity_login_stmts, identity_realname_stmts, identity_staff_stmts,
                                           identity_kiosk_stmts};
-    size_t n = 0;
-    for (size_t i = 0; i < sizeof(lists) / sizeof(lists[0]); ++i)
-        for (const ch_pg_stmt_t *const *s = lists[i]; *s != NULL; ++s)
-            if (n + 1 < sizeof(stmts) / sizeof(stmts[0]))
-                stmts[n++] = *s;
-    stmts[n] = NULL;
+    if (ch_stmts_concat(stmts, sizeof(stmts) / sizeof(stmts[0]), lists, sizeof(lists) / sizeof(lists[0])) != 0)
+        return -1;
     return 0;
 }
 

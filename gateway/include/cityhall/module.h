@@ -58,6 +58,12 @@ typedef struct ch_module {
     int (*seed)(const ch_config_t *config, int argc, char **argv);
 } ch_module_t;
 
+/**
+ * Concatenates NULL-terminated statement lists (a module's files each keep their own) into `out`, NULL-
+ * terminated, for ch_module_t.stmts. Returns 0, or -1 (logged) when `cap` is too small.
+ */
+int ch_stmts_concat(const ch_pg_stmt_t **out, size_t cap, const ch_pg_stmt_t *const *const *lists, size_t nlists);
+
 /** Who is calling, as established by the gateway from the bearer token. */
 typedef struct ch_principal {
     unsigned role;          /* exactly one CH_ROLE_* */
