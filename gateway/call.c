@@ -449,6 +449,36 @@ void ch_fail(ch_call_t *call, ch_code_t code, const char *fmt, ...)
     va_end(ap);
 }
 
+void ch_fail_fields(ch_call_t *call, ch_code_t code, const char *const *fields, const char *const *descriptions,
+                    size_t n, const char *fmt, ...)
+{
+    char message[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(message, sizeof(message), fmt, ap);
+    va_end(ap);
+    Cityhall__Common__V1__Error err = CITYHALL__COMMON__V1__ERROR__INIT;
+    Cityhall__Common__V1__ErrorResponse resp = CITYHALL__COMMON__V1__ERROR_RESPONSE__INIT;
+    Cityhall__Common__V1__FieldViolation *fv = h2o_mem_alloc_pool(&call->req->pool, n * sizeof(*fv) + 1);
+    Cityhall__Common__V1__FieldViolation **fvs = h2o_mem_alloc_pool(&call->req->pool, n * sizeof(*fvs) + 1);
+    for (size_t i = 0; i < n; ++i) {
+        cityhall__common__v1__field_violation__init(&fv[i]);
+        fv[i].field = (char *)fields[i];
+        fv[i].description = (char *)descriptions[i];
+        fvs[i] = &fv[i];
+    }
+    err.code = (char *)ch_code_name(code);
+    err.message = message;
+    err.request_id = call->request_id;
+    err.details = fvs;
+    err.n_details = n;
+    resp.error = &err;
+    h2o_iovec_t body = encode_message(call, &resp.base);
+    int status = ch_code_status(code);
+    send_response(call, status, call->respond_pb ? ct_pb : ct_json, body.base, body.len,
+                  status == 503 || status == 429 ? 1 : 0);
+}
+
 void ch_fail_retry_after(ch_call_t *call, ch_code_t code, int retry_after_s, const char *fmt, ...)
 {
     va_list ap;

@@ -110,6 +110,9 @@ ProtobufCAllocator *ch_call_allocator(ch_call_t *call);
 void ch_reply(ch_call_t *call, int status, const ProtobufCMessage *msg);
 /** Answers the error shape; the message is for people and never carries personal data. */
 void ch_fail(ch_call_t *call, ch_code_t code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+/** Like ch_fail, listing every field that was refused in the error body's `details` (field, description). */
+void ch_fail_fields(ch_call_t *call, ch_code_t code, const char *const *fields, const char *const *descriptions,
+                    size_t n, const char *fmt, ...) __attribute__((format(printf, 6, 7)));
 /** Like ch_fail, with an explicit Retry-After (seconds) for 429 and 503 (ch_fail sends 1). */
 void ch_fail_retry_after(ch_call_t *call, ch_code_t code, int retry_after_s, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
