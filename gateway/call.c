@@ -1014,8 +1014,9 @@ int ch_call_on_req(h2o_handler_t *self, h2o_req_t *req)
         ch_fail(call, CH_CODE_NOT_FOUND, "no such route");
         return 0;
     }
-    if (req->entity.base != NULL && req->entity.len > ch_server.config.max_body_bytes) {
-        ch_fail(call, CH_CODE_PAYLOAD_TOO_LARGE, "the body is larger than %zu bytes", ch_server.config.max_body_bytes);
+    size_t max_body = call->match.route->max_body != 0 ? call->match.route->max_body : ch_server.config.max_body_bytes;
+    if (req->entity.base != NULL && req->entity.len > max_body) {
+        ch_fail(call, CH_CODE_PAYLOAD_TOO_LARGE, "the body is larger than %zu bytes", max_body);
         return 0;
     }
     if (authenticate_or_respond(call) != 0 || decode_body_or_respond(call) != 0 || idempotency_or_respond(call) != 0)

@@ -17,7 +17,7 @@ static const ch_route_t routes[] = {
     {"POST", "/v1/health/declarations", CH_ROLE_CITIZEN, D(declaration_request), D(health_code), hc_declare,
      CH_ROUTE_IDEMPOTENT},
     {"POST", "/v1/health/test-results", CH_ROLE_DEPT, D(test_result_batch), D(batch_response), hc_test_results,
-     CH_ROUTE_IDEMPOTENT},
+     CH_ROUTE_IDEMPOTENT, 8u << 20 /* 10 000 rows in JSON are about 1.1 MB */},
     {"POST", "/v1/health/risk-areas", CH_ROLE_DEPT, D(risk_area_batch), D(batch_response), hc_risk_areas,
      CH_ROUTE_IDEMPOTENT},
     {"POST", "/v1/health/quarantine-orders", CH_ROLE_DEPT, D(quarantine_request), D(quarantine_response),
@@ -35,6 +35,7 @@ static const ch_route_t routes[] = {
     {"POST", "/v1/health/appeals", CH_ROLE_CITIZEN, D(appeal_request), D(appeal), hc_appeal_create,
      CH_ROUTE_IDEMPOTENT},
     {"GET", "/v1/health/appeals", CH_ROLE_CITIZEN, NULL, D(appeal_list), hc_appeals_mine, 0},
+    {"GET", "/v1/health/appeals/{id}", CH_ROLE_CITIZEN, NULL, D(appeal), hc_appeal_get, 0},
     {"GET", "/v1/staff/health/appeals", STAFF, NULL, D(appeal_list), hc_appeals_queue, 0},
     {"POST", "/v1/staff/health/appeals/{id}/proposal", STAFF, D(appeal_proposal), D(appeal), hc_appeal_propose, 0},
     {"POST", "/v1/staff/health/appeals/{id}/approval", STAFF, D(appeal_approval), D(appeal), hc_appeal_approve, 0},
@@ -51,17 +52,13 @@ static const ch_command_t commands[] = {
     {NULL, NULL, NULL},
 };
 
-static const ch_pg_stmt_t *stmts[64];
+static const ch_pg_stmt_t *stmts[128];
 
 static int healthcode_init(const ch_config_t *config)
 {
-    const ch_pg_stmt_t *const *lists[] = {hc_inputs_stmts, hc_display_stmts, hc_venues_stmts};
-    size_t n = 0;
-    for (size_t i = 0; i < sizeof(lists) / sizeof(lists[0]); ++i)
-        for (const ch_pg_stmt_t *const *s = lists[i]; *s != NULL; ++s)
-            if (n + 1 < sizeof(stmts) / sizeof(stmts[0]))
-                stmts[n++] = *s;
-    stmts[n] = NULL;
+    const ch_pg_stmt_t *const *const lists[] = {hc_inputs_stmts, hc_display_stmts, hc_venues_stmts, hc_appeals_stmts};
+    if (ch_stmts_concat(stmts, sizeof(stmts) / sizeof(stmts[0]), lists, sizeof(lists) / sizeof(lists[0])) != 0)
+        return -1;
     if (hc_init_inputs(config) != 0 || hc_init_display(config) != 0 || hc_init_venues(config) != 0)
         return -1;
     return 0;

@@ -48,6 +48,8 @@ typedef void (*hc_code_cb)(ch_call_t *call, int err, HealthCode *code);
  * The resident's current code as a HealthCode message with a fresh-enough signed token (from the
  * thread's cache, Redis, or PostgreSQL, in that order). cb gets err CH_EUNAVAIL when it cannot be had
  * without risking a wrong color. Returns CH_E* (cb never called) when it cannot start.
+ * On a cache hit cb runs before hc_code_get returns; whenever cb runs, ch_call_data is the caller's again. The
+ * message is a copy in call memory.
  */
 int hc_code_get(ch_call_t *call, int64_t resident_id, hc_code_cb cb);
 
@@ -59,7 +61,8 @@ typedef void (*hc_subject_cb)(ch_call_t *call, int64_t resident_id);
  * The registry resident a citizen call is about: the caller's own (422 when the account is not real-name
  * bound) or, with `dependent_id` set (not ""), a registered dependent of the caller (404 otherwise). Calls
  * `cb` only on success; on refusal or failure it has answered the client itself. Returns CH_E* (nothing
- * answered, cb never called) when it cannot start.
+ * answered, cb never called) when it cannot start. With the binding cached, cb runs before hc_subject_resolve
+ * returns; whenever cb runs, ch_call_data is the caller's again.
  */
 int hc_subject_resolve(ch_call_t *call, const char *dependent_id, hc_subject_cb cb);
 
@@ -91,11 +94,13 @@ void hc_appeals_mine(ch_call_t *call);
 void hc_appeals_queue(ch_call_t *call);
 void hc_appeal_propose(ch_call_t *call);
 void hc_appeal_approve(ch_call_t *call);
+void hc_appeal_get(ch_call_t *call); /* GET /v1/health/appeals/{id}: one of the citizen's appeals */
 
 /* statements and commands of each file (NULL-terminated lists) */
 extern const ch_pg_stmt_t *const hc_inputs_stmts[];
 extern const ch_pg_stmt_t *const hc_display_stmts[];
 extern const ch_pg_stmt_t *const hc_venues_stmts[];
+extern const ch_pg_stmt_t *const hc_appeals_stmts[];
 int hc_cmd_rules_load(const ch_config_t *config, int argc, char **argv); /* inputs.c: cityhall rules load FILE */
 /** Module start-up (before threads): load the signing ring, rule set, start background workers. */
 int hc_init_inputs(const ch_config_t *config);  /* inputs.c / recompute.c */

@@ -30,6 +30,8 @@ static const ch_route_t routes[] = {
 static const ch_command_t commands[] = {
     {"catalog load", "FILE.json: install a new catalog version (items, bundles, forms); applications keep theirs",
      ot_cmd_catalog_load},
+    {"import dataset", "NAME FILE.csv: load a department dataset (birth_records, marriages, social_insurance, "
+                       "businesses) from CSV, all rows or none", ot_cmd_import_dataset},
     {"dept endpoint", "--dept D --url http://IP:PORT/path --secret S: deliver D's items to its own system "
                       "(no url: D works cityhall's staff queue)", ot_cmd_dept_endpoint},
     {"onething sweep", "mark items past their promised deadline and raise escalations now (the server does it "
@@ -37,17 +39,13 @@ static const ch_command_t commands[] = {
     {NULL, NULL, NULL},
 };
 
-static const ch_pg_stmt_t *stmts[96];
+static const ch_pg_stmt_t *stmts[128];
 
 static int onething_init(const ch_config_t *config)
 {
-    const ch_pg_stmt_t *const *lists[] = {ot_applications_stmts, ot_dispatch_stmts};
-    size_t n = 0;
-    for (size_t i = 0; i < sizeof(lists) / sizeof(lists[0]); ++i)
-        for (const ch_pg_stmt_t *const *s = lists[i]; *s != NULL; ++s)
-            if (n + 1 < sizeof(stmts) / sizeof(stmts[0]))
-                stmts[n++] = *s;
-    stmts[n] = NULL;
+    const ch_pg_stmt_t *const *const lists[] = {ot_applications_stmts, ot_dispatch_stmts};
+    if (ch_stmts_concat(stmts, sizeof(stmts) / sizeof(stmts[0]), lists, sizeof(lists) / sizeof(lists[0])) != 0)
+        return -1;
     if (ot_init_applications(config) != 0 || ot_init_dispatch(config) != 0)
         return -1;
     return 0;

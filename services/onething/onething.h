@@ -29,9 +29,16 @@ extern const ch_pg_stmt_t *const ot_dispatch_stmts[];
 int ot_init_applications(const ch_config_t *config);
 /** Starts the outbox workers and the deadline sweeper (their own threads and loops). */
 int ot_init_dispatch(const ch_config_t *config);
+/**
+ * Wakes this process's outbox workers at once: call it after a commit that created outbox rows (a submission, a
+ * supplement's resubmission). Cheap and safe from any thread; without it the workers find the rows within their
+ * poll interval (100 ms). (dispatch.c)
+ */
+void ot_dispatch_wake(void);
 /** Demo catalog data sets (birth records, marriages, social insurance, businesses) and departments. */
 int ot_seed(const ch_config_t *config, int argc, char **argv);
 int ot_cmd_catalog_load(const ch_config_t *config, int argc, char **argv);   /* applications.c */
+int ot_cmd_import_dataset(const ch_config_t *config, int argc, char **argv); /* datasets.c */
 int ot_cmd_dept_endpoint(const ch_config_t *config, int argc, char **argv);  /* dispatch.c */
 int ot_cmd_sweep(const ch_config_t *config, int argc, char **argv);          /* dispatch.c */
 

@@ -33,6 +33,7 @@ typedef struct ch_route {
     const ProtobufCMessageDescriptor *response;    /* NULL with status 204, or CH_ROUTE_RAW */
     ch_handler_fn handler;
     unsigned flags;
+    size_t max_body; /* bytes; 0: the gateway's max_body_bytes (bulk uploads set more) */
 } ch_route_t;
 
 /**
