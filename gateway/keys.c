@@ -10,7 +10,7 @@
 #include "cityhall/pii.h"
 
 /* The keyrings under <var>/keys/: access tokens, and health-code QR tokens. */
-static const char *const rings[] = {"access", "healthcode"};
+static const char *const rings[] = {"access", "healthcode", "licence"};
 
 static int ring_known(const char *name)
 {
@@ -92,7 +92,7 @@ static int cmd_keys_init(const ch_config_t *config, int argc, char **argv)
     return 0;
 }
 
-/* keys rotate [--ring access|healthcode]: a new signing key; older keys keep verifying while their files exist. */
+/* keys rotate [--ring access|healthcode|licence]: a new signing key; older keys keep verifying while their files exist. */
 static int cmd_keys_rotate(const ch_config_t *config, int argc, char **argv)
 {
     const char *ring_name = "access";
@@ -100,7 +100,7 @@ static int cmd_keys_rotate(const ch_config_t *config, int argc, char **argv)
         if (strcmp(argv[i], "--ring") == 0 && i + 1 < argc && ring_known(argv[i + 1])) {
             ring_name = argv[++i];
         } else {
-            fprintf(stderr, "usage: cityhall keys rotate [--ring access|healthcode]\n");
+            fprintf(stderr, "usage: cityhall keys rotate [--ring access|healthcode|licence]\n");
             return 2;
         }
     }
@@ -126,10 +126,10 @@ static int cmd_keys_rotate(const ch_config_t *config, int argc, char **argv)
 
 static const ch_command_t commands[] = {
     {"keys init",
-     "create what is missing: the data key (<var>/keys/data.key) and the access and healthcode "
+     "create what is missing: the data key (<var>/keys/data.key) and the access, healthcode and licence "
      "signing keyrings",
      cmd_keys_init},
-    {"keys rotate", "[--ring access|healthcode]: add a signing key (the newest signs; older ones still verify)",
+    {"keys rotate", "[--ring access|healthcode|licence]: add a signing key (the newest signs; older ones still verify)",
      cmd_keys_rotate},
     {NULL, NULL, NULL},
 };

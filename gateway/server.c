@@ -228,6 +228,16 @@ int ch_server_run(const ch_config_t *config)
 {
     char err[1100];
     ch_server.config = *config;
+    /*
+     * Signals go to the main thread only, blocked before any thread exists (module and auth start-up start
+     * threads of their own), so that every thread inherits the mask; the loops poll the flag every 100 ms.
+     */
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
+    signal(SIGPIPE, SIG_IGN);
     const ch_config_t *cfg = &ch_server.config;
 
     if (routes_register(err, sizeof(err)) != 0) {
@@ -305,13 +315,6 @@ int ch_server_run(const ch_config_t *config)
         starts[i].thread = t;
     }
 
-    /* Signals go to the main thread only; the loops poll the flag at least every 100 ms. */
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGTERM);
-    sigaddset(&set, SIGINT);
-    pthread_sigmask(SIG_BLOCK, &set, NULL);
-    signal(SIGPIPE, SIG_IGN);
 
     for (unsigned i = 0; i < cfg->threads; ++i)
         if (pthread_create(&starts[i].tid, NULL, thread_main, &starts[i]) != 0)

@@ -339,13 +339,13 @@ def test_start_up_refuses_missing_keys_and_readable_key_files(cluster):
     # keys init creates exactly what is missing, with private modes, and running it again changes nothing
     r = subprocess.run([cluster.gateway.binary, "keys", "init"], env=env, capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("created") == 3, r.stdout
+    assert r.stdout.count("created") == 4, r.stdout  # data key, access, healthcode and licence keyrings
     files = sorted(glob.glob(os.path.join(empty, "keys", "**", "*"), recursive=True))
     modes = {os.path.relpath(p, empty): oct(os.stat(p).st_mode & 0o777) for p in files}
-    assert sum(1 for p in modes if p.endswith(".pem")) == 2, modes
+    assert sum(1 for p in modes if p.endswith(".pem")) == 3, modes
     assert all(m == ("0o700" if os.path.isdir(os.path.join(empty, p)) else "0o600") for p, m in modes.items()), modes
     r2 = subprocess.run([cluster.gateway.binary, "keys", "init"], env=env, capture_output=True, text=True, timeout=30)
-    assert r2.returncode == 0 and "created" not in r2.stdout and r2.stdout.count("exists") == 3, r2.stdout
+    assert r2.returncode == 0 and "created" not in r2.stdout and r2.stdout.count("exists") == 4, r2.stdout
     assert sorted(glob.glob(os.path.join(empty, "keys", "**", "*"), recursive=True)) == files
 
     data_key = os.path.join(empty, "keys", "data.key")
