@@ -37,7 +37,7 @@ int ot_init_dispatch(const ch_config_t *config);
 void ot_dispatch_wake(void);
 /** Demo catalog data sets (birth records, marriages, social insurance, businesses) and departments. */
 int ot_seed(const ch_config_t *config, int argc, char **argv);
-int ot_cmd_catalog_load(const ch_config_t *config, int argc, char **argv);   /* applications.c */
+int ot_cmd_catalog_load(const ch_config_t *config, int argc, char **argv);   /* catalog.c */
 int ot_cmd_import_dataset(const ch_config_t *config, int argc, char **argv); /* datasets.c */
 int ot_cmd_dept_endpoint(const ch_config_t *config, int argc, char **argv);  /* dispatch.c */
 int ot_cmd_sweep(const ch_config_t *config, int argc, char **argv);          /* dispatch.c */
