@@ -335,8 +335,12 @@ static int context_check_or_respond(ch_call_t *call, decide_state_t *st, PGresul
     }
     if (strcmp(st->decision, "approve") == 0) {
         const char *state = PQgetvalue(res, 0, X_STATE);
-        /* refuse before numbering and signing a licence that could not be issued (ot_decide checks again) */
-        if (strcmp(state, "in_review") != 0 && (st->staff || strcmp(state, "dispatched") != 0)) {
+        /*
+         * Staff: refuse before numbering and signing a licence that could not be issued (ot_decide checks
+         * again). A department callback goes on to ot_decide whatever the state read here: a concurrent
+         * duplicate of it may have committed in between, and only ot_decide's dedup answers that atomically.
+         */
+        if (st->staff && strcmp(state, "in_review") != 0) {
             ch_fail(call, CH_CODE_FAILED_PRECONDITION, "the item is %s, not in review", state);
             return -1;
         }
