@@ -228,6 +228,31 @@ char *ch_call_printf(ch_call_t *call, const char *fmt, ...)
     return s;
 }
 
+Google__Protobuf__Timestamp *ch_call_timestamp(ch_call_t *call, const char *s)
+{
+    if (s == NULL || s[0] == '\0')
+        return NULL;
+    Google__Protobuf__Timestamp *ts = ch_call_alloc(call, sizeof(*ts));
+    google__protobuf__timestamp__init(ts);
+    char *end;
+    ts->seconds = strtoll(s, &end, 10);
+    if (*end == '.') {
+        int32_t nanos = 0;
+        int digits = 0;
+        for (const char *p = end + 1; *p >= '0' && *p <= '9' && digits < 9; ++p, ++digits)
+            nanos = nanos * 10 + (*p - '0');
+        for (; digits < 9; ++digits)
+            nanos *= 10;
+        /* "-1.25" is 1.25 s before the epoch: seconds -2, nanos 750000000 */
+        if (s[0] == '-' && nanos != 0) {
+            ts->seconds -= 1;
+            nanos = 1000000000 - nanos;
+        }
+        ts->nanos = nanos;
+    }
+    return ts;
+}
+
 ProtobufCAllocator *ch_call_allocator(ch_call_t *call)
 {
     return &call->alloc;

@@ -219,27 +219,6 @@ static int pii_ready_or_respond(ch_call_t *call)
     return 1;
 }
 
-/* Seconds since the epoch with a fraction ("1700000000.123456") into a Timestamp from the call's memory. */
-static Timestamp *timestamp_from_epoch(ch_call_t *call, const char *s)
-{
-    Timestamp *ts = ch_call_alloc(call, sizeof(*ts));
-    google__protobuf__timestamp__init(ts);
-    char *end;
-    ts->seconds = strtoll(s, &end, 10);
-    if (*end == '.') {
-        int32_t nanos = 0, digits = 0;
-        for (const char *p = end + 1; *p >= '0' && *p <= '9'; ++p)
-            if (digits < 9)
-                nanos = nanos * 10 + (*p - '0'), ++digits;
-        while (digits++ < 9)
-            nanos *= 10;
-        ts->nanos = ts->seconds < 0 && nanos != 0 ? 1000000000 - nanos : nanos;
-        if (ts->seconds < 0 && nanos != 0)
-            --ts->seconds;
-    }
-    return ts;
-}
-
 /*
  * A short description of the client for the session list: the kind of app, or the first product token of
  * the User-Agent ("curl/8.1.2"), restricted to a safe alphabet.
@@ -932,9 +911,9 @@ static void on_sessions_listed(ch_call_t *call, ch_pg_result_t *r)
         cityhall__identity__v1__session__init(s);
         s->session_id = ch_call_strdup(call, PQgetvalue(res, i, 0));
         s->role = ch_call_strdup(call, PQgetvalue(res, i, 1));
-        s->created_at = timestamp_from_epoch(call, PQgetvalue(res, i, 2));
-        s->last_seen_at = timestamp_from_epoch(call, PQgetvalue(res, i, 3));
-        s->expires_at = timestamp_from_epoch(call, PQgetvalue(res, i, 4));
+        s->created_at = ch_call_timestamp(call, PQgetvalue(res, i, 2));
+        s->last_seen_at = ch_call_timestamp(call, PQgetvalue(res, i, 3));
+        s->expires_at = ch_call_timestamp(call, PQgetvalue(res, i, 4));
         s->client = ch_call_strdup(call, PQgetvalue(res, i, 5));
         s->current = p->session_id != NULL && strcmp(s->session_id, p->session_id) == 0;
         list->sessions[i] = s;

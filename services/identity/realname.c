@@ -149,29 +149,6 @@ static long hex_decode(const char *hex, uint8_t *out)
     return (long)(n / 2);
 }
 
-/* A Timestamp from PostgreSQL's epoch seconds with six decimals ("1795894410.618068"), read exactly. */
-static Timestamp *timestamp_from_epoch(ch_call_t *call, const char *s)
-{
-    Timestamp *ts = ch_call_alloc(call, sizeof(*ts));
-    google__protobuf__timestamp__init(ts);
-    char *end;
-    ts->seconds = strtoll(s, &end, 10);
-    if (*end == '.') {
-        int32_t nanos = 0;
-        int digits = 0;
-        for (const char *p = end + 1; *p >= '0' && *p <= '9' && digits < 9; ++p, ++digits)
-            nanos = nanos * 10 + (*p - '0');
-        for (; digits < 9; ++digits)
-            nanos *= 10;
-        if (s[0] == '-' && nanos != 0) {
-            ts->seconds -= 1;
-            nanos = 1000000000 - nanos;
-        }
-        ts->nanos = nanos;
-    }
-    return ts;
-}
-
 static const char *value_or_null(PGresult *res, int row, int col)
 {
     return PQgetisnull(res, row, col) ? NULL : PQgetvalue(res, row, col);
@@ -414,7 +391,7 @@ static Dependent *dependent_from_row(ch_call_t *call, PGresult *res, int row)
     d->relation = ch_call_strdup(call, PQgetvalue(res, row, 1));
     d->masked_name = masked_name(call, PQgetvalue(res, row, 2));
     d->masked_id_number = ch_call_strdup(call, PQgetvalue(res, row, 3));
-    d->added_at = timestamp_from_epoch(call, PQgetvalue(res, row, 4));
+    d->added_at = ch_call_timestamp(call, PQgetvalue(res, row, 4));
     return d;
 }
 
@@ -611,7 +588,7 @@ static void on_me(ch_call_t *call, ch_pg_result_t *r)
     Me *me = ch_call_alloc(call, sizeof(*me));
     cityhall__identity__v1__me__init(me);
     me->citizen_id = ch_call_strdup(call, PQgetvalue(res, 0, 0));
-    me->created_at = timestamp_from_epoch(call, PQgetvalue(res, 0, 2));
+    me->created_at = ch_call_timestamp(call, PQgetvalue(res, 0, 2));
     me->real_name_verified = value_true(res, 0, 3);
     me->masked_phone = "";
     const char *phone_hex = value_or_null(res, 0, 1);
@@ -709,7 +686,7 @@ static void on_access_log(ch_call_t *call, ch_pg_result_t *r)
         AccessLogEntry *e = ch_call_alloc(call, sizeof(*e));
         cityhall__identity__v1__access_log_entry__init(e);
         e->entry_id = ch_call_strdup(call, PQgetvalue(res, i, 0));
-        e->at = timestamp_from_epoch(call, PQgetvalue(res, i, 1));
+        e->at = ch_call_timestamp(call, PQgetvalue(res, i, 1));
         e->actor_role = ch_call_strdup(call, PQgetvalue(res, i, 2));
         e->actor = ch_call_strdup(call, PQgetvalue(res, i, 3));
         e->actor_department = ch_call_strdup(call, PQgetvalue(res, i, 4));

@@ -355,31 +355,6 @@ static Timestamp *now_timestamp(ch_call_t *call, now_t t)
     return ts;
 }
 
-/* A Timestamp from PostgreSQL's epoch seconds with six decimals, read exactly; NULL for SQL NULL or "". */
-static Timestamp *timestamp_from_epoch(ch_call_t *call, const char *s)
-{
-    if (s == NULL || s[0] == '\0')
-        return NULL;
-    Timestamp *ts = ch_call_alloc(call, sizeof(*ts));
-    google__protobuf__timestamp__init(ts);
-    char *end;
-    ts->seconds = strtoll(s, &end, 10);
-    if (*end == '.') {
-        int32_t nanos = 0;
-        int digits = 0;
-        for (const char *p = end + 1; *p >= '0' && *p <= '9' && digits < 9; ++p, ++digits)
-            nanos = nanos * 10 + (*p - '0');
-        for (; digits < 9; ++digits)
-            nanos *= 10;
-        if (s[0] == '-' && nanos != 0) {
-            ts->seconds -= 1;
-            nanos = 1000000000 - nanos;
-        }
-        ts->nanos = nanos;
-    }
-    return ts;
-}
-
 static const char *value_or_null(PGresult *res, int row, int col)
 {
     return PQgetisnull(res, row, col) ? NULL : PQgetvalue(res, row, col);
@@ -778,7 +753,7 @@ static void on_form_facts(ch_call_t *call, ch_pg_result_t *r)
         if (plain != NULL) {
             ff->value = shown_value(call, f, plain);
             ff->source = ch_call_strdup(call, PQgetvalue(res, row, F_SOURCE));
-            ff->as_of = timestamp_from_epoch(call, value_or_null(res, row, F_AS_OF));
+            ff->as_of = ch_call_timestamp(call, value_or_null(res, row, F_AS_OF));
         }
         form->fields[i] = ff;
     }
@@ -1885,8 +1860,8 @@ static int app_from_rows(ch_call_t *call, PGresult *res, int row, Application **
     app->bundle_code = ch_call_strdup(call, PQgetvalue(res, row, C_BUNDLE));
     app->catalog_version = atoi(PQgetvalue(res, row, C_VERSION));
     app->state = ch_call_strdup(call, PQgetvalue(res, row, C_STATE));
-    app->submitted_at = timestamp_from_epoch(call, PQgetvalue(res, row, C_SUBMITTED));
-    app->updated_at = timestamp_from_epoch(call, PQgetvalue(res, row, C_UPDATED));
+    app->submitted_at = ch_call_timestamp(call, PQgetvalue(res, row, C_SUBMITTED));
+    app->updated_at = ch_call_timestamp(call, PQgetvalue(res, row, C_UPDATED));
     app->precheck = ch_call_strdup(call, PQgetvalue(res, row, C_PRECHECK));
     app->rating = atoi(PQgetvalue(res, row, C_RATING));
     app->items = ch_call_alloc(call, (size_t)(end - row + 1) * sizeof(*app->items));
@@ -1911,9 +1886,9 @@ static int app_from_rows(ch_call_t *call, PGresult *res, int row, Application **
             for (char *save = NULL, *tok = strtok_r(copy, ",", &save); tok != NULL; tok = strtok_r(NULL, ",", &save))
                 it->supplement_fields[it->n_supplement_fields++] = tok;
         }
-        it->due_at = timestamp_from_epoch(call, value_or_null(res, r, C_ITEM_DUE));
+        it->due_at = ch_call_timestamp(call, value_or_null(res, r, C_ITEM_DUE));
         it->licence_id = ch_call_strdup(call, PQgetvalue(res, r, C_ITEM_LICENCE));
-        it->updated_at = timestamp_from_epoch(call, PQgetvalue(res, r, C_ITEM_UPDATED));
+        it->updated_at = ch_call_timestamp(call, PQgetvalue(res, r, C_ITEM_UPDATED));
         if (strcmp(it->state, "issued") == 0)
             ++app->items_done;
         app->items[app->n_items++] = it;
@@ -2470,7 +2445,7 @@ static void on_notifications(ch_call_t *call, ch_pg_result_t *r)
         nt->kind = ch_call_strdup(call, PQgetvalue(res, i, 1));
         nt->text = ch_call_strdup(call, PQgetvalue(res, i, 2));
         nt->application_id = ch_call_strdup(call, PQgetvalue(res, i, 3));
-        nt->created_at = timestamp_from_epoch(call, PQgetvalue(res, i, 4));
+        nt->created_at = ch_call_timestamp(call, PQgetvalue(res, i, 4));
         nt->read = value_true(res, i, 5);
         list->notifications[list->n_notifications++] = nt;
     }

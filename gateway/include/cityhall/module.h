@@ -9,6 +9,7 @@
 #include "cityhall/config.h"
 #include "cityhall/pg.h"
 #include "cityhall/redis.h"
+#include "google/protobuf/timestamp.pb-c.h"
 
 typedef struct ch_call ch_call_t;
 typedef void (*ch_handler_fn)(ch_call_t *call);
@@ -102,6 +103,11 @@ h2o_req_t *ch_call_req(ch_call_t *call);
 void *ch_call_alloc(ch_call_t *call, size_t size);
 char *ch_call_strdup(ch_call_t *call, const char *s);
 char *ch_call_printf(ch_call_t *call, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/**
+ * A Timestamp (in the call's memory) from PostgreSQL's epoch seconds as text, e.g.
+ * `extract(epoch FROM t)::numeric(20,6)` → "1795894410.618068", read exactly; NULL for NULL or "".
+ */
+Google__Protobuf__Timestamp *ch_call_timestamp(ch_call_t *call, const char *epoch_text);
 /** A protobuf-c allocator for building response messages (freed with the call). */
 ProtobufCAllocator *ch_call_allocator(ch_call_t *call);
 
