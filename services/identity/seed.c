@@ -9,6 +9,7 @@
 #include <openssl/crypto.h>
 #include "identity.h"
 #include "cityhall/pii.h"
+#include "cityhall/cmd.h"
 
 /*
  * Both commands run off any event loop: blocking libpq is the right tool. Rows reach PostgreSQL through
@@ -420,83 +421,6 @@ static void row_from_person(resident_row_t *r, const household_t *h, const perso
 
 /* ---- blocking libpq helpers ---- */
 
-static int exec_ok(PGconn *conn, const char *sql, const char *what)
-{
-    PGresult *res = PQexec(conn, sql);
-    ExecStatusType st = PQresultStatus(res);
-    int ok = st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK;
-    if (!ok)
-        fprintf(stderr, "%s: %s", what, PQerrorMessage(conn));
-    PQclear(res);
-    return ok;
-}
-
-/* Runs a one-row query; returns its first column as a number, or -1 on error. */
-static long long query_number(PGconn *conn, const char *sql, int nparams, const char *const *params, const char *what)
-{
-    PGresult *res = PQexecParams(conn, sql, nparams, NULL, params, NULL, NULL, 0);
-    long long v = -1;
-    if (PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1)
-        v = PQgetisnull(res, 0, 0) ? 0 : strtoll(PQgetvalue(res, 0, 0), NULL, 10);
-    else
-        fprintf(stderr, "%s: %s", what, PQerrorMessage(conn));
-    PQclear(res);
-    return v;
-}
-
-static int copy_begin(PGconn *conn, const char *sql, const char *what)
-{
-    PGresult *res = PQexec(conn, sql);
-    int ok = PQresultStatus(res) == PGRES_COPY_IN;
-    if (!ok)
-        fprintf(stderr, "%s: %s", what, PQerrorMessage(conn));
-    PQclear(res);
-    return ok;
-}
-
-static int copy_put(PGconn *conn, ch_buf_t *buf, const char *what)
-{
-    if (buf->len == 0)
-        return 1;
-    if (PQputCopyData(conn, buf->base, (int)buf->len) != 1) {
-        fprintf(stderr, "%s: %s", what, PQerrorMessage(conn));
-        return 0;
-    }
-    buf->len = 0;
-    return 1;
-}
-
-/* Ends a COPY (aborting it with `abort_msg` when not NULL); returns 1 if the server accepted the data. */
-static int copy_end(PGconn *conn, const char *abort_msg, const char *what)
-{
-    if (PQputCopyEnd(conn, abort_msg) != 1) {
-        fprintf(stderr, "%s: %s", what, PQerrorMessage(conn));
-        return 0;
-    }
-    int ok = 1;
-    PGresult *res;
-    while ((res = PQgetResult(conn)) != NULL) {
-        if (PQresultStatus(res) != PGRES_COMMAND_OK) {
-            if (abort_msg == NULL)
-                fprintf(stderr, "%s: %s", what, PQerrorMessage(conn));
-            ok = 0;
-        }
-        PQclear(res);
-    }
-    return ok;
-}
-
-static PGconn *connect_or_complain(const ch_config_t *config, const char *what)
-{
-    PGconn *conn = PQconnectdb(config->pg_conninfo);
-    if (PQstatus(conn) != CONNECTION_OK) {
-        fprintf(stderr, "%s: could not connect to PostgreSQL: %s", what, PQerrorMessage(conn));
-        PQfinish(conn);
-        return NULL;
-    }
-    return conn;
-}
-
 static int keys_or_complain(const ch_config_t *config, const char *what)
 {
     char err[512];
@@ -545,7 +469,7 @@ static int registry_indexes_drop(PGconn *conn, ch_buf_t *rebuild)
     }
     int ok = 1;
     for (int i = 0; i < PQntuples(res) && ok; ++i) {
-        ok = exec_ok(conn, PQgetvalue(res, i, 0), "seed");
+        ok = ch_cmd_exec(conn, PQgetvalue(res, i, 0), "seed");
         ch_buf_append(rebuild, PQgetvalue(res, i, 1), strlen(PQgetvalue(res, i, 1)));
         ch_buf_append(rebuild, ";", 1);
     }
@@ -593,7 +517,7 @@ static int seed_population(PGconn *conn, long long n)
         return 0;
     struct timespec t0;
     clock_gettime(CLOCK_MONOTONIC, &t0);
-    long long existing = query_number(conn, "SELECT count(*) FROM registry_residents", 0, NULL, "seed");
+    long long existing = ch_cmd_number(conn, "SELECT count(*) FROM registry_residents", 0, NULL, "seed");
     if (existing < 0)
         return 1;
     population_t pop;
@@ -609,7 +533,7 @@ static int seed_population(PGconn *conn, long long n)
         ch_hex(mac, sizeof(mac), param + 2);
         const char *p[1] = {param};
         long long there =
-            query_number(conn, "SELECT count(*) FROM registry_residents WHERE id_hmac = $1::bytea", 1, p, "seed");
+            ch_cmd_number(conn, "SELECT count(*) FROM registry_residents WHERE id_hmac = $1::bytea", 1, p, "seed");
         gen_free(&pop.g);
         if (there < 0)
             return 1;
@@ -624,13 +548,13 @@ static int seed_population(PGconn *conn, long long n)
     /* a load that dominates the table rebuilds the indexes after it; a small one maintains them row by row */
     int direct = existing == 0, rebuild = n >= 50000 && n >= existing;
     ch_buf_t indexes = {0};
-    if (!exec_ok(conn, "BEGIN", "seed") || (!direct && !exec_ok(conn, stage_sql, "seed")) ||
+    if (!ch_cmd_exec(conn, "BEGIN", "seed") || (!direct && !ch_cmd_exec(conn, stage_sql, "seed")) ||
         (rebuild && !registry_indexes_drop(conn, &indexes)) ||
-        !copy_begin(conn,
+        !ch_cmd_copy_begin(conn,
                     direct ? "COPY registry_residents (" REGISTRY_COLUMNS ") FROM STDIN"
                            : "COPY registry_stage (" REGISTRY_COLUMNS ", line) FROM STDIN",
                     "seed")) {
-        exec_ok(conn, "ROLLBACK", "seed");
+        ch_cmd_exec(conn, "ROLLBACK", "seed");
         ch_buf_free(&indexes);
         return 1;
     }
@@ -642,10 +566,10 @@ static int seed_population(PGconn *conn, long long n)
         population_next(&pop, &r);
         resident_copy_row(&buf, &scratch, &r, direct ? -1 : (long)i);
         if (buf.len >= COPY_CHUNK)
-            ok = copy_put(conn, &buf, "seed");
+            ok = ch_cmd_copy_put(conn, &buf, "seed");
     }
-    ok = ok && copy_put(conn, &buf, "seed");
-    ok = copy_end(conn, ok ? NULL : "seed failed", "seed") && ok;
+    ok = ok && ch_cmd_copy_put(conn, &buf, "seed");
+    ok = ch_cmd_copy_end(conn, ok ? NULL : "seed failed", "seed") && ok;
     long long households = (long long)pop.g.households;
     gen_free(&pop.g);
     ch_buf_free(&buf);
@@ -653,16 +577,16 @@ static int seed_population(PGconn *conn, long long n)
     long long added = n;
     if (ok && !direct) {
         /* without the UNIQUE index (dropped above, the table locked) an anti-join skips who is there already */
-        ok = exec_ok(conn, "ANALYZE registry_stage", "seed");
+        ok = ch_cmd_exec(conn, "ANALYZE registry_stage", "seed");
         added = !ok ? -1
                 : rebuild
-                    ? query_number(conn,
+                    ? ch_cmd_number(conn,
                                    "WITH ins AS (INSERT INTO registry_residents (" REGISTRY_COLUMNS ") "
                                    "SELECT " REGISTRY_COLUMNS " FROM registry_stage s WHERE NOT EXISTS "
                                    "(SELECT 1 FROM registry_residents r WHERE r.id_hmac = s.id_hmac) ORDER BY line "
                                    "RETURNING 1) SELECT count(*) FROM ins",
                                    0, NULL, "seed")
-                    : query_number(conn,
+                    : ch_cmd_number(conn,
                                    "WITH ins AS (INSERT INTO registry_residents (" REGISTRY_COLUMNS ") "
                                    "SELECT " REGISTRY_COLUMNS " FROM registry_stage ORDER BY line "
                                    "ON CONFLICT (id_hmac) DO NOTHING RETURNING 1) SELECT count(*) FROM ins",
@@ -670,12 +594,12 @@ static int seed_population(PGconn *conn, long long n)
         ok = added >= 0;
     }
     if (ok && rebuild && indexes.len > 0) {
-        ok = exec_ok(conn, "SET LOCAL maintenance_work_mem = '256MB'", "seed") &&
-             exec_ok(conn, indexes.base, "seed: rebuilding the registry's indexes");
+        ok = ch_cmd_exec(conn, "SET LOCAL maintenance_work_mem = '256MB'", "seed") &&
+             ch_cmd_exec(conn, indexes.base, "seed: rebuilding the registry's indexes");
     }
     ch_buf_free(&indexes);
-    if (!ok || !exec_ok(conn, "COMMIT", "seed")) {
-        exec_ok(conn, "ROLLBACK", "seed");
+    if (!ok || !ch_cmd_exec(conn, "COMMIT", "seed")) {
+        ch_cmd_exec(conn, "ROLLBACK", "seed");
         return 1;
     }
     double s = seconds_since(&t0);
@@ -749,11 +673,11 @@ static void bytea_text(const uint8_t *p, size_t len, char *out)
 /* Inserts the demo residents (ON CONFLICT DO NOTHING), their accounts and dependents; one transaction. */
 static int seed_demo(PGconn *conn)
 {
-    if (!exec_ok(conn, "BEGIN", "seed demo"))
+    if (!ch_cmd_exec(conn, "BEGIN", "seed demo"))
         return 1;
     /* the newborn is dated from the first seed; later seeds find it by its household and leave it */
     const char *hh[1] = {demo[0].household};
-    long long babies = query_number(conn,
+    long long babies = ch_cmd_number(conn,
                                     "SELECT count(*) FROM registry_residents WHERE household_id = $1 "
                                     "AND birth_date > (now() AT TIME ZONE 'Asia/Shanghai')::date - 366",
                                     1, hh, "seed demo");
@@ -864,11 +788,11 @@ static int seed_demo(PGconn *conn)
         if (!ok)
             goto fail;
     }
-    if (!exec_ok(conn, "COMMIT", "seed demo"))
+    if (!ch_cmd_exec(conn, "COMMIT", "seed demo"))
         goto fail;
     return 0;
 fail:
-    exec_ok(conn, "ROLLBACK", "seed demo");
+    ch_cmd_exec(conn, "ROLLBACK", "seed demo");
     return 1;
 }
 
@@ -976,11 +900,11 @@ int identity_cmd_seed(const ch_config_t *config, int argc, char **argv)
     }
     if (!keys_or_complain(config, "seed"))
         return 1;
-    PGconn *conn = connect_or_complain(config, "seed");
+    PGconn *conn = ch_cmd_connect(config, "seed");
     if (conn == NULL)
         return 1;
     int ret = 1;
-    if (!exec_ok(conn, REGISTRY_LOCK, "seed"))
+    if (!ch_cmd_exec(conn, REGISTRY_LOCK, "seed"))
         goto out;
     if (seed_population(conn, n) != 0 || seed_demo(conn) != 0 || print_demo(config, conn) != 0)
         goto out;
@@ -1204,7 +1128,7 @@ int identity_cmd_import_registry(const ch_config_t *config, int argc, char **arg
         fclose(fp);
         return 1;
     }
-    PGconn *conn = connect_or_complain(config, "import");
+    PGconn *conn = ch_cmd_connect(config, "import");
     if (conn == NULL) {
         fclose(fp);
         return 1;
@@ -1239,9 +1163,9 @@ int identity_cmd_import_registry(const ch_config_t *config, int argc, char **arg
             goto out;
         }
     }
-    if (!exec_ok(conn, REGISTRY_LOCK, "import") || !exec_ok(conn, "BEGIN", "import") ||
-        !exec_ok(conn, stage_sql, "import") ||
-        !copy_begin(conn, "COPY registry_stage (" REGISTRY_COLUMNS ", line) FROM STDIN", "import"))
+    if (!ch_cmd_exec(conn, REGISTRY_LOCK, "import") || !ch_cmd_exec(conn, "BEGIN", "import") ||
+        !ch_cmd_exec(conn, stage_sql, "import") ||
+        !ch_cmd_copy_begin(conn, "COPY registry_stage (" REGISTRY_COLUMNS ", line) FROM STDIN", "import"))
         goto out;
     in_copy = 1;
     for (;;) {
@@ -1275,7 +1199,7 @@ int identity_cmd_import_registry(const ch_config_t *config, int argc, char **arg
         ++rows;
         if (bad == 0) {
             resident_copy_row(&out, &scratch, &r, start_line);
-            if (out.len >= COPY_CHUNK && !copy_put(conn, &out, "import"))
+            if (out.len >= COPY_CHUNK && !ch_cmd_copy_put(conn, &out, "import"))
                 goto out;
         }
     }
@@ -1285,10 +1209,10 @@ int identity_cmd_import_registry(const ch_config_t *config, int argc, char **arg
         fprintf(stderr, "import: %ld of %ld rows are bad: nothing imported\n", bad, bad + rows);
         goto out;
     }
-    if (!copy_put(conn, &out, "import"))
+    if (!ch_cmd_copy_put(conn, &out, "import"))
         goto out;
     in_copy = 0;
-    if (!copy_end(conn, NULL, "import"))
+    if (!ch_cmd_copy_end(conn, NULL, "import"))
         goto out;
     {
         /* the same person twice in one file is a mistake in the file, not an update */
@@ -1325,16 +1249,16 @@ int identity_cmd_import_registry(const ch_config_t *config, int argc, char **arg
         }
         long long ins = strtoll(PQgetvalue(res, 0, 0), NULL, 10), upd = strtoll(PQgetvalue(res, 0, 1), NULL, 10);
         PQclear(res);
-        if (!exec_ok(conn, "COMMIT", "import"))
+        if (!ch_cmd_exec(conn, "COMMIT", "import"))
             goto out;
         printf("import: %ld rows: %lld residents added, %lld updated in %.2f s\n", rows, ins, upd, seconds_since(&t0));
     }
     ret = 0;
 out:
     if (in_copy)
-        copy_end(conn, "import aborted", "import");
+        ch_cmd_copy_end(conn, "import aborted", "import");
     if (ret != 0)
-        exec_ok(conn, "ROLLBACK", "import");
+        ch_cmd_exec(conn, "ROLLBACK", "import");
     ch_buf_free(&rec);
     ch_buf_free(&out);
     ch_buf_free(&scratch);

@@ -10,6 +10,7 @@
 #include <openssl/crypto.h>
 #include "catalog.h"
 #include "cityhall/pii.h"
+#include "cityhall/cmd.h"
 
 /*
  * Both commands run off any event loop: blocking libpq. Datasets identify people by the keyed hash of their ID
@@ -27,83 +28,6 @@
 #define NO_BIRTH   (-1000000L) /* a resident without a birth date (days since 1970 are negative before 1970) */
 
 /* ---- blocking libpq helpers ---- */
-
-static int exec_ok(PGconn *conn, const char *sql, const char *what)
-{
-    PGresult *res = PQexec(conn, sql);
-    ExecStatusType st = PQresultStatus(res);
-    int ok = st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK;
-    if (!ok)
-        fprintf(stderr, "%s: %s", what, PQerrorMessage(conn));
-    PQclear(res);
-    return ok;
-}
-
-/* A one-row, one-column query with parameters; its value as a number, or -1 on error. */
-static long long query_number(PGconn *conn, const char *sql, int n, const char *const *params, const char *what)
-{
-    PGresult *res = PQexecParams(conn, sql, n, NULL, params, NULL, NULL, 0);
-    long long v = -1;
-    if (PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1)
-        v = PQgetisnull(res, 0, 0) ? 0 : strtoll(PQgetvalue(res, 0, 0), NULL, 10);
-    else
-        fprintf(stderr, "%s: %s", what, PQerrorMessage(conn));
-    PQclear(res);
-    return v;
-}
-
-static int copy_begin(PGconn *conn, const char *sql, const char *what)
-{
-    PGresult *res = PQexec(conn, sql);
-    int ok = PQresultStatus(res) == PGRES_COPY_IN;
-    if (!ok)
-        fprintf(stderr, "%s: %s", what, PQerrorMessage(conn));
-    PQclear(res);
-    return ok;
-}
-
-static int copy_put(PGconn *conn, ch_buf_t *buf, const char *what)
-{
-    if (buf->len == 0)
-        return 1;
-    if (PQputCopyData(conn, buf->base, (int)buf->len) != 1) {
-        fprintf(stderr, "%s: %s", what, PQerrorMessage(conn));
-        return 0;
-    }
-    buf->len = 0;
-    return 1;
-}
-
-/* Ends a COPY (aborting it with `abort_msg` when not NULL); 1 if the server took the data. */
-static int copy_end(PGconn *conn, const char *abort_msg, const char *what)
-{
-    if (PQputCopyEnd(conn, abort_msg) != 1) {
-        fprintf(stderr, "%s: %s", what, PQerrorMessage(conn));
-        return 0;
-    }
-    int ok = 1;
-    PGresult *res;
-    while ((res = PQgetResult(conn)) != NULL) {
-        if (PQresultStatus(res) != PGRES_COMMAND_OK) {
-            if (abort_msg == NULL)
-                fprintf(stderr, "%s: %s", what, PQerrorMessage(conn));
-            ok = 0;
-        }
-        PQclear(res);
-    }
-    return ok;
-}
-
-static PGconn *connect_or_complain(const ch_config_t *config, const char *what)
-{
-    PGconn *conn = PQconnectdb(config->pg_conninfo);
-    if (PQstatus(conn) != CONNECTION_OK) {
-        fprintf(stderr, "%s: could not connect to PostgreSQL: %s", what, PQerrorMessage(conn));
-        PQfinish(conn);
-        return NULL;
-    }
-    return conn;
-}
 
 /* Appends `s` escaped for COPY's text format ("" stays an empty string; NULL is \N). */
 static void copy_text(ch_buf_t *out, const char *s)
@@ -563,7 +487,7 @@ static int derive_all(PGconn *rd, PGconn *wr, derive_t *dv, long long through)
              "FROM registry_residents WHERE household_id IS NOT NULL AND household_id NOT LIKE 'DEMO-%%' %s "
              "ORDER BY household_id COLLATE \"C\", resident_id",
              filter);
-    if (!exec_ok(rd, sql, "seed"))
+    if (!ch_cmd_exec(rd, sql, "seed"))
         return 0;
     member_t m[MEMBERS_MAX];
     char names[MEMBERS_MAX][72];
@@ -598,14 +522,14 @@ static int derive_all(PGconn *rd, PGconn *wr, derive_t *dv, long long through)
             ++n;
         }
         PQclear(res);
-        if (dv->out.len >= COPY_CHUNK && !copy_put(wr, &dv->out, "seed"))
+        if (dv->out.len >= COPY_CHUNK && !ch_cmd_copy_put(wr, &dv->out, "seed"))
             return 0;
         if (rows == 0)
             break;
     }
     if (n > 0)
         derive_household(dv, household, m, n, names);
-    return exec_ok(rd, "CLOSE residents", "seed");
+    return ch_cmd_exec(rd, "CLOSE residents", "seed");
 }
 
 /* Inserts the staged rows of each dataset (new keys only); adds the counts to `added`. */
@@ -729,10 +653,10 @@ int ot_seed(const ch_config_t *config, int argc, char **argv)
     }
     struct timespec t0;
     clock_gettime(CLOCK_MONOTONIC, &t0);
-    PGconn *wr = connect_or_complain(config, "seed");
+    PGconn *wr = ch_cmd_connect(config, "seed");
     if (wr == NULL)
         return 1;
-    PGconn *rd = connect_or_complain(config, "seed");
+    PGconn *rd = ch_cmd_connect(config, "seed");
     if (rd == NULL) {
         PQfinish(wr);
         return 1;
@@ -741,27 +665,27 @@ int ot_seed(const ch_config_t *config, int argc, char **argv)
     derive_t dv = {0};
     demo_row_t demo[DEMO_MAX];
     int ndemo = 0;
-    if (!exec_ok(wr, SEED_LOCK, "seed") || !exec_ok(wr, "BEGIN", "seed") ||
-        !exec_ok(rd, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", "seed"))
+    if (!ch_cmd_exec(wr, SEED_LOCK, "seed") || !ch_cmd_exec(wr, "BEGIN", "seed") ||
+        !ch_cmd_exec(rd, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", "seed"))
         goto out;
-    long long through = query_number(wr,
+    long long through = ch_cmd_number(wr,
                                      "SELECT coalesce(max(through_resident), 0) FROM dataset_loads "
                                      "WHERE source = 'seed'",
                                      0, NULL, "seed");
-    long long last = query_number(rd, "SELECT coalesce(max(resident_id), 0) FROM registry_residents", 0, NULL, "seed");
+    long long last = ch_cmd_number(rd, "SELECT coalesce(max(resident_id), 0) FROM registry_residents", 0, NULL, "seed");
     if (through < 0 || last < 0 || !demo_load(rd, demo, &ndemo))
         goto out;
-    if (!exec_ok(wr, stage_sql, "seed") ||
-        !copy_begin(wr, "COPY ot_stage (kind, a, b, c, d, e, f, g, h, line) FROM STDIN", "seed"))
+    if (!ch_cmd_exec(wr, stage_sql, "seed") ||
+        !ch_cmd_copy_begin(wr, "COPY ot_stage (kind, a, b, c, d, e, f, g, h, line) FROM STDIN", "seed"))
         goto out;
     in_copy = 1;
     if (last > through && !derive_all(rd, wr, &dv, through))
         goto out;
     demo_stage(&dv, demo, ndemo);
-    if (!copy_put(wr, &dv.out, "seed"))
+    if (!ch_cmd_copy_put(wr, &dv.out, "seed"))
         goto out;
     in_copy = 0;
-    if (!copy_end(wr, NULL, "seed"))
+    if (!ch_cmd_copy_end(wr, NULL, "seed"))
         goto out;
     long long added[4] = {0};
     if (!stage_merge(wr, NULL, added, NULL, "seed"))
@@ -782,9 +706,9 @@ int ot_seed(const ch_config_t *config, int argc, char **argv)
         if (!ok)
             goto out;
     }
-    if (!exec_ok(wr, "COMMIT", "seed"))
+    if (!ch_cmd_exec(wr, "COMMIT", "seed"))
         goto out;
-    exec_ok(rd, "COMMIT", "seed");
+    ch_cmd_exec(rd, "COMMIT", "seed");
     struct timespec t1;
     clock_gettime(CLOCK_MONOTONIC, &t1);
     double s = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) / 1e9;
@@ -799,7 +723,7 @@ int ot_seed(const ch_config_t *config, int argc, char **argv)
     ret = 0;
 out:
     if (in_copy)
-        copy_end(wr, "seed failed", "seed");
+        ch_cmd_copy_end(wr, "seed failed", "seed");
     if (ret != 0) {
         PQclear(PQexec(wr, "ROLLBACK"));
         PQclear(PQexec(rd, "ROLLBACK"));
@@ -1148,7 +1072,7 @@ int ot_cmd_import_dataset(const ch_config_t *config, int argc, char **argv)
         fclose(fp);
         return 1;
     }
-    PGconn *conn = connect_or_complain(config, "import");
+    PGconn *conn = ch_cmd_connect(config, "import");
     if (conn == NULL) {
         fclose(fp);
         return 1;
@@ -1178,9 +1102,9 @@ int ot_cmd_import_dataset(const ch_config_t *config, int argc, char **argv)
             goto out;
         }
     }
-    if (!exec_ok(conn, SEED_LOCK, "import") || !exec_ok(conn, "BEGIN", "import") ||
-        !exec_ok(conn, stage_sql, "import") ||
-        !copy_begin(conn, "COPY ot_stage (kind, a, b, c, d, e, f, g, h, line) FROM STDIN", "import"))
+    if (!ch_cmd_exec(conn, SEED_LOCK, "import") || !ch_cmd_exec(conn, "BEGIN", "import") ||
+        !ch_cmd_exec(conn, stage_sql, "import") ||
+        !ch_cmd_copy_begin(conn, "COPY ot_stage (kind, a, b, c, d, e, f, g, h, line) FROM STDIN", "import"))
         goto out;
     in_copy = 1;
     for (;;) {
@@ -1215,7 +1139,7 @@ int ot_cmd_import_dataset(const ch_config_t *config, int argc, char **argv)
         ++rows;
         if (bad == 0) {
             stage_row(&out, spec->name, cols, start_line);
-            if (out.len >= COPY_CHUNK && !copy_put(conn, &out, "import"))
+            if (out.len >= COPY_CHUNK && !ch_cmd_copy_put(conn, &out, "import"))
                 goto out;
         }
     }
@@ -1225,10 +1149,10 @@ int ot_cmd_import_dataset(const ch_config_t *config, int argc, char **argv)
         fprintf(stderr, "import: %ld of %ld rows are bad: nothing imported\n", bad, bad + rows);
         goto out;
     }
-    if (!copy_put(conn, &out, "import"))
+    if (!ch_cmd_copy_put(conn, &out, "import"))
         goto out;
     in_copy = 0;
-    if (!copy_end(conn, NULL, "import"))
+    if (!ch_cmd_copy_end(conn, NULL, "import"))
         goto out;
     {
         /* the same key twice in one file is a mistake in the file, not an update */
@@ -1282,14 +1206,14 @@ int ot_cmd_import_dataset(const ch_config_t *config, int argc, char **argv)
         if (!ok)
             fprintf(stderr, "import: %s", PQerrorMessage(conn));
         PQclear(res);
-        if (!ok || !exec_ok(conn, "COMMIT", "import"))
+        if (!ok || !ch_cmd_exec(conn, "COMMIT", "import"))
             goto out;
         printf("import: %ld rows of %s: %lld added, %lld updated\n", rows, spec->name, added[k], updated[k]);
     }
     ret = 0;
 out:
     if (in_copy)
-        copy_end(conn, "import aborted", "import");
+        ch_cmd_copy_end(conn, "import aborted", "import");
     if (ret != 0)
         PQclear(PQexec(conn, "ROLLBACK"));
     ch_buf_free(&rec);
