@@ -224,6 +224,16 @@ static int routes_register(char *err, size_t errlen)
     return 0;
 }
 
+/*
+ * Start-up failed after background threads (auth resync, module workers) may have started: leave at once
+ * with status 2, without exit()'s destructors racing those threads inside libpq.
+ */
+static _Noreturn void startup_failed(const char *why)
+{
+    ch_log(CH_LOG_ERROR, "startup_failed", "%s", why);
+    _exit(2);
+}
+
 int ch_server_run(const ch_config_t *config)
 {
     char err[1100];
@@ -240,17 +250,13 @@ int ch_server_run(const ch_config_t *config)
     signal(SIGPIPE, SIG_IGN);
     const ch_config_t *cfg = &ch_server.config;
 
-    if (routes_register(err, sizeof(err)) != 0) {
-        ch_log(CH_LOG_ERROR, "startup_failed", "%s", err);
-        return 2;
-    }
-    if (ch_auth_init(cfg, err, sizeof(err)) != 0 || ch_work_init(cfg->workers, 1024) != 0) {
-        ch_log(CH_LOG_ERROR, "startup_failed", "%s", err);
-        return 2;
-    }
+    /* keys first: a bad key file is refused before any module starts a thread of its own */
+    if (ch_auth_init(cfg, err, sizeof(err)) != 0 || ch_work_init(cfg->workers, 1024) != 0)
+        startup_failed(err);
+    if (routes_register(err, sizeof(err)) != 0)
+        startup_failed(err);
     if (cfg->https_port != 0 && (ssl_ctx = tls_context_new(cfg, err, sizeof(err))) == NULL) {
-        ch_log(CH_LOG_ERROR, "startup_failed", "%s", err);
-        return 2;
+        startup_failed(err);
     }
 
     h2o_config_init(&globalconf);
@@ -282,8 +288,7 @@ int ch_server_run(const ch_config_t *config)
                 continue;
             int fd = listener_open(cfg->listen, ports[k], err, sizeof(err));
             if (fd < 0) {
-                ch_log(CH_LOG_ERROR, "startup_failed", "%s", err);
-                return 2;
+                startup_failed(err);
             }
             ch_listener_t *l = &starts[i].listeners[starts[i].nlisteners++];
             l->fd = fd;
@@ -304,9 +309,7 @@ int ch_server_run(const ch_config_t *config)
         t->pg = ch_pg_pool_new(t->loop, &pgcfg);
         t->redis = ch_redis_new(t->loop, &rcfg);
         if (t->pg == NULL || t->redis == NULL) {
-            ch_log(CH_LOG_ERROR, "startup_failed", "%s", t->pg == NULL ? "pg_conninfo does not parse"
-                                                                       : "redis_host must be an IP address");
-            return 2;
+            startup_failed(t->pg == NULL ? "pg_conninfo does not parse" : "redis_host must be an IP address");
         }
         t->metrics = ch_metrics_new(ch_router_count(ch_server.router));
         if (getrandom(&t->rng, sizeof(t->rng), 0) != sizeof(t->rng) || t->rng == 0)
