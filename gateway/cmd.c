@@ -84,3 +84,73 @@ PGconn *ch_cmd_connect(const ch_config_t *config, const char *what)
     }
     return conn;
 }
+
+/* Reads one CSV record (RFC 4180: quotes, "" inside quotes, CRLF or LF, newlines inside quotes). Fields are
+   NUL-terminated in `rec`; returns the field count, 0 at end of file, -1 for a malformed record. `*lines`
+   counts the physical lines consumed. */
+int ch_cmd_csv_record(FILE *fp, ch_buf_t *rec, size_t *starts, int max, long *lines)
+{
+    rec->len = 0;
+    int nf = 0, c = getc(fp);
+    if (c == EOF)
+        return 0;
+    starts[nf++] = 0;
+    size_t field_start = 0;
+    int quoted = 0, after_quote = 0, bad = 0;
+    for (;; c = getc(fp)) {
+        if (c == EOF) {
+            if (quoted)
+                bad = 1;
+            ++*lines;
+            break;
+        }
+        if (quoted) {
+            if (c == '"') {
+                int d = getc(fp);
+                if (d == '"') {
+                    ch_buf_append(rec, "\"", 1);
+                    continue;
+                }
+                ungetc(d, fp);
+                quoted = 0;
+                after_quote = 1;
+                continue;
+            }
+            if (c == '\n')
+                ++*lines;
+            char ch = (char)c;
+            ch_buf_append(rec, &ch, 1);
+            continue;
+        }
+        if (c == '\r') {
+            int d = getc(fp);
+            if (d != '\n')
+                ungetc(d, fp);
+            ++*lines;
+            break;
+        }
+        if (c == '\n') {
+            ++*lines;
+            break;
+        }
+        if (c == ',') {
+            ch_buf_append(rec, "", 1);
+            field_start = rec->len;
+            if (nf < max)
+                starts[nf] = field_start;
+            ++nf;
+            after_quote = 0;
+            continue;
+        }
+        if (c == '"' && !after_quote && rec->len == field_start) {
+            quoted = 1;
+            continue;
+        }
+        if (after_quote)
+            bad = 1; /* text after a closing quote */
+        char ch = (char)c;
+        ch_buf_append(rec, &ch, 1);
+    }
+    ch_buf_append(rec, "", 1);
+    return bad ? -1 : nf;
+}

@@ -37,6 +37,12 @@ void identity_secret_hash(const char *secret, char *out);
  */
 int identity_token_response(ch_call_t *call, const ch_principal_t *p, const char *refresh_token, TokenResponse *out);
 
+/**
+ * Answers 200 with the TokenResponse of `p` (identity_token_response), real_name_verified set as given;
+ * 500 if the token cannot be signed.
+ */
+void identity_reply_tokens(ch_call_t *call, const ch_principal_t *p, const char *refresh_token, int real_name_verified);
+
 /* ---- realname.c: the registry, real-name binding, /v1/me, dependents, the access log ---- */
 void identity_me(ch_call_t *call);
 void identity_real_name(ch_call_t *call);

@@ -294,14 +294,7 @@ static void on_kiosk_committed(ch_call_t *call, ch_pg_result_t *r)
     p.hall = k->hall;
     p.device = req->device_id;
     p.expires_at = k->expires_at;
-    TokenResponse *resp = ch_call_alloc(call, sizeof(*resp));
-    cityhall__identity__v1__token_response__init(resp);
-    if (identity_token_response(call, &p, NULL, resp) != 0) {
-        ch_fail_err(call, CH_EINVAL);
-        return;
-    }
-    resp->real_name_verified = 1; /* the account is bound to the registry resident the card named */
-    ch_reply(call, 200, &resp->base);
+    identity_reply_tokens(call, &p, NULL, 1); /* bound to the resident the card named */
 }
 
 static void on_kiosk_loaded(ch_call_t *call, ch_pg_result_t *r)

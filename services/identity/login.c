@@ -121,6 +121,17 @@ int identity_token_response(ch_call_t *call, const ch_principal_t *p, const char
     return 0;
 }
 
+void identity_reply_tokens(ch_call_t *call, const ch_principal_t *p, const char *refresh_token, int real_name_verified)
+{
+    TokenResponse *resp = ch_call_alloc(call, sizeof(*resp));
+    if (identity_token_response(call, p, refresh_token, resp) != 0) {
+        ch_fail(call, CH_CODE_INTERNAL, "could not sign the access token");
+        return;
+    }
+    resp->real_name_verified = real_name_verified != 0;
+    ch_reply(call, 200, &resp->base);
+}
+
 /* ---- small helpers ---- */
 
 static int is_uuid(const char *s)
@@ -547,13 +558,7 @@ static void entry_answer(login_entry_t *e, const char *citizen_id, int verified)
                             .subject = ch_call_strdup(call, citizen_id),
                             .session_id = ch_call_strdup(call, e->sid),
                             .expires_at = e->expires_at};
-        TokenResponse *resp = ch_call_alloc(call, sizeof(*resp));
-        if (identity_token_response(call, &p, e->refresh, resp) != 0) {
-            ch_fail(call, CH_CODE_INTERNAL, "could not sign the access token");
-        } else {
-            resp->real_name_verified = verified;
-            ch_reply(call, 200, &resp->base);
-        }
+        identity_reply_tokens(call, &p, e->refresh, verified);
     }
     ch_call_unhold(call);
     free(e);
@@ -798,13 +803,11 @@ static void on_refresh_done(ch_call_t *call, ch_pg_result_t *r)
         .dept = nullable(res, 7, call),
         .hall = nullable(res, 8, call),
     };
-    TokenResponse *resp = ch_call_alloc(call, sizeof(*resp));
-    if (p.role == 0 || identity_token_response(call, &p, st->refresh, resp) != 0) {
+    if (p.role == 0) {
         ch_fail(call, CH_CODE_INTERNAL, "could not sign the access token");
         return;
     }
-    resp->real_name_verified = strcmp(PQgetvalue(res, 0, 9), "t") == 0;
-    ch_reply(call, 200, &resp->base);
+    identity_reply_tokens(call, &p, st->refresh, strcmp(PQgetvalue(res, 0, 9), "t") == 0);
 }
 
 void identity_refresh(ch_call_t *call)

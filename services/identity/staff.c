@@ -358,13 +358,7 @@ static void on_staff_session(ch_call_t *call, ch_pg_result_t *r)
     p.dept = st->dept;
     p.hall = st->hall;
     p.expires_at = st->expires_at;
-    TokenResponse *resp = ch_call_alloc(call, sizeof(*resp));
-    cityhall__identity__v1__token_response__init(resp);
-    if (identity_token_response(call, &p, st->refresh, resp) != 0) {
-        ch_fail_err(call, CH_EINVAL);
-        return;
-    }
-    ch_reply(call, 200, &resp->base);
+    identity_reply_tokens(call, &p, st->refresh, 0);
 }
 
 static void on_staff_accepted(ch_call_t *call, ch_pg_result_t *r)
@@ -658,13 +652,7 @@ static void on_client_session(ch_call_t *call, ch_pg_result_t *r)
     p.session_id = cl->session_id;
     p.dept = cl->dept;
     p.expires_at = cl->expires_at;
-    TokenResponse *resp = ch_call_alloc(call, sizeof(*resp));
-    cityhall__identity__v1__token_response__init(resp);
-    if (identity_token_response(call, &p, NULL, resp) != 0) {
-        ch_fail_err(call, CH_EINVAL);
-        return;
-    }
-    ch_reply(call, 200, &resp->base);
+    identity_reply_tokens(call, &p, NULL, 0);
 }
 
 static void on_client_loaded(ch_call_t *call, ch_pg_result_t *r)

@@ -739,70 +739,6 @@ out:
 #define IMPORT_MAX_FIELDS   8
 #define IMPORT_MAX_REPORTED 50
 
-/* Reads one CSV record (RFC 4180: quotes, "" inside quotes, CRLF or LF, newlines inside quotes) into `rec`, fields
-   NUL-terminated at `starts`; returns the field count, 0 at end of file, -1 for a malformed record. */
-static int csv_record(FILE *fp, ch_buf_t *rec, size_t *starts, int max, long *lines)
-{
-    rec->len = 0;
-    int nf = 0, c = getc(fp), quoted = 0, after_quote = 0, bad = 0;
-    if (c == EOF)
-        return 0;
-    starts[nf++] = 0;
-    size_t field_start = 0;
-    for (;; c = getc(fp)) {
-        if (c == EOF) {
-            bad |= quoted;
-            ++*lines;
-            break;
-        }
-        if (quoted) {
-            if (c == '"') {
-                int d = getc(fp);
-                if (d == '"') {
-                    ch_buf_append(rec, "\"", 1);
-                    continue;
-                }
-                ungetc(d, fp);
-                quoted = 0;
-                after_quote = 1;
-                continue;
-            }
-            if (c == '\n')
-                ++*lines;
-            char ch = (char)c;
-            ch_buf_append(rec, &ch, 1);
-            continue;
-        }
-        if (c == '\r' || c == '\n') {
-            if (c == '\r') {
-                int d = getc(fp);
-                if (d != '\n')
-                    ungetc(d, fp);
-            }
-            ++*lines;
-            break;
-        }
-        if (c == ',') {
-            ch_buf_append(rec, "", 1);
-            field_start = rec->len;
-            if (nf < max)
-                starts[nf] = field_start;
-            ++nf;
-            after_quote = 0;
-            continue;
-        }
-        if (c == '"' && !after_quote && rec->len == field_start) {
-            quoted = 1;
-            continue;
-        }
-        bad |= after_quote;
-        char ch = (char)c;
-        ch_buf_append(rec, &ch, 1);
-    }
-    ch_buf_append(rec, "", 1);
-    return bad ? -1 : nf;
-}
-
 static char *trim(char *s)
 {
     while (*s == ' ')
@@ -1086,7 +1022,7 @@ int ot_cmd_import_dataset(const ch_config_t *config, int argc, char **argv)
     unsigned char bom[3];
     if (fread(bom, 1, 3, fp) != 3 || memcmp(bom, "\xEF\xBB\xBF", 3) != 0)
         rewind(fp);
-    int nf = csv_record(fp, &rec, starts, IMPORT_MAX_FIELDS + 1, &lines);
+    int nf = ch_cmd_csv_record(fp, &rec, starts, IMPORT_MAX_FIELDS + 1, &lines);
     {
         ch_buf_t header = {0};
         for (int i = 0; nf == spec->nfields && i < nf; ++i) {
@@ -1109,7 +1045,7 @@ int ot_cmd_import_dataset(const ch_config_t *config, int argc, char **argv)
     in_copy = 1;
     for (;;) {
         long start_line = lines + 1;
-        nf = csv_record(fp, &rec, starts, IMPORT_MAX_FIELDS + 1, &lines);
+        nf = ch_cmd_csv_record(fp, &rec, starts, IMPORT_MAX_FIELDS + 1, &lines);
         if (nf == 0)
             break;
         if (nf == 1 && rec.base[0] == '\0')

@@ -2,6 +2,7 @@
 #ifndef CITYHALL_CMD_H
 #define CITYHALL_CMD_H
 
+#include <stdio.h>
 #include <libpq-fe.h>
 #include "cityhall/config.h"
 #include "cityhall/transcode.h" /* ch_buf_t */
@@ -16,5 +17,12 @@ long long ch_cmd_number(PGconn *conn, const char *sql, int nparams, const char *
 int ch_cmd_copy_begin(PGconn *conn, const char *sql, const char *what);
 int ch_cmd_copy_put(PGconn *conn, ch_buf_t *buf, const char *what);
 int ch_cmd_copy_end(PGconn *conn, const char *abort_msg, const char *what);
+
+/**
+ * Reads one CSV record (RFC 4180: quotes, "" inside quotes, CRLF or LF, newlines inside quotes) into `rec`,
+ * fields NUL-terminated at offsets `starts` (at most `max` recorded); returns the field count, 0 at end of
+ * file, -1 for a malformed record. `*lines` counts the physical lines consumed.
+ */
+int ch_cmd_csv_record(FILE *fp, ch_buf_t *rec, size_t *starts, int max, long *lines);
 
 #endif
