@@ -1,12 +1,13 @@
 #!/usr/bin/python3
-"""Runs every test of cityhall: the unit test binaries (TAP), then tests/integration/test_*.py.
+"""Runs every test of cityhall: the unit test binaries (TAP), then the Python suites.
 
     /usr/bin/python3 tests/run.py [-k SUBSTRING] [-v]
 
 Unit tests are the test executables meson knows about (`meson introspect --tests`), or else
 build/tests/**/test_*; each TAP line "ok N - name" / "not ok N - name" counts as one test.
 
-Integration tests are the functions `test_*(cluster)` of tests/integration/test_*.py, run in
+Python suites are the functions `test_*(cluster)` of test_*.py in the folders of SUITES
+(tests/integration, then the short forms of tests/faults, tests/abuse and tests/fuzz), run in
 file order. Each module shares one harness.Cluster, started lazily and configured by an optional
 module-level dict `CLUSTER = {"threads": 2, "env": {...}}`; a function without parameters gets
 none (it starts its own). Between tests the shared cluster is brought back up if a test left a
@@ -41,6 +42,7 @@ import harness  # noqa: E402
 TAP_LINE = re.compile(r"^(not )?ok\b\s*(\d+)?\s*(?:-\s*)?(.*?)\s*(?:#\s*(SKIP|TODO)\b\s*(.*))?$", re.I)
 TAP_PLAN = re.compile(r"^1\.\.(\d+)")
 LOG_TAIL = 25
+SUITES = ("integration", "faults", "abuse", "fuzz")
 
 
 class Tally:
@@ -179,7 +181,7 @@ def load_module(path):
 def describe_failure(exc):
     """The assertion message and where it was raised (the innermost frame in a test file)."""
     tb = traceback.extract_tb(exc.__traceback__)
-    where = [f for f in tb if "/integration/" in f.filename]
+    where = [f for f in tb if any(f"/{d}/" in f.filename for d in SUITES)]
     loc = f"{os.path.relpath(where[-1].filename, TESTS)}:{where[-1].lineno}" if where else ""
     if isinstance(exc, AssertionError):
         msg = str(exc) or "assertion failed"
@@ -191,7 +193,7 @@ def describe_failure(exc):
 
 def run_integration(tally, filt, verbose):
     signal.signal(signal.SIGALRM, _on_alarm)
-    files = sorted(glob.glob(os.path.join(TESTS, "integration", "test_*.py")))
+    files = [f for d in SUITES for f in sorted(glob.glob(os.path.join(TESTS, d, "test_*.py")))]
     for path in files:
         modname = os.path.splitext(os.path.basename(path))[0]
         try:
