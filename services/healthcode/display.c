@@ -337,10 +337,17 @@ static int ring_keeps_kids(const ring_state_t *old, const ring_state_t *now)
     return kept;
 }
 
-static uint64_t gen_epoch = 1;
-static void cache_flush_all(void)
+/*
+ * Process-wide flushes. A soft flush (invalidations may have been missed while the subscription was down) stops
+ * entries from being served as fresh, yet while PostgreSQL cannot be reached they remain what this process holds,
+ * exactly as they were during the outage. A hard flush (their signing key was removed) ends them for good.
+ */
+static uint64_t gen_epoch = 1, gen_epoch_hard = 1;
+static void cache_flush_all(int hard)
 {
     __atomic_add_fetch(&gen_epoch, 1, __ATOMIC_ACQ_REL);
+    if (hard)
+        __atomic_add_fetch(&gen_epoch_hard, 1, __ATOMIC_ACQ_REL);
 }
 
 static void ring_rescan(void)
@@ -367,7 +374,7 @@ static void ring_rescan(void)
     int kept = old == NULL || ring_keeps_kids(old, now);
     __atomic_store_n(&ring_current, now, __ATOMIC_RELEASE); /* the old state is leaked: threads may hold it */
     if (!kept)
-        cache_flush_all(); /* cached tokens signed by a removed key would no longer verify */
+        cache_flush_all(1); /* cached tokens signed by a removed key would no longer verify */
     ch_log(LOG_INFO, "hc_keys_reloaded", "healthcode keyring reloaded from %s; signing key %s%s", ring_dir,
            ch_keyring_current_kid(ring), kept ? "" : "; a key was removed: cached codes dropped");
 }
@@ -405,13 +412,14 @@ static size_t gen_slot(int64_t resident_id)
 }
 
 typedef struct gen_stamp {
-    uint64_t gen, epoch;
+    uint64_t gen, epoch, hard;
 } gen_stamp_t;
 
 static gen_stamp_t gen_now(int64_t resident_id)
 {
     gen_stamp_t s;
     s.epoch = __atomic_load_n(&gen_epoch, __ATOMIC_ACQUIRE);
+    s.hard = __atomic_load_n(&gen_epoch_hard, __ATOMIC_ACQUIRE);
     s.gen = __atomic_load_n(&gen_table[gen_slot(resident_id)], __ATOMIC_ACQUIRE);
     return s;
 }
@@ -434,10 +442,18 @@ static int gen_recent(int64_t resident_id)
     return t != 0 && ch_now_us() - t < FRESH_FROM_PG_US;
 }
 
+/* Fresh: neither the resident's slot nor the whole cache was invalidated since the stamp. */
 static int gen_same(int64_t resident_id, gen_stamp_t s)
 {
     gen_stamp_t now = gen_now(resident_id);
-    return now.gen == s.gen && now.epoch == s.epoch;
+    return now.gen == s.gen && now.epoch == s.epoch && now.hard == s.hard;
+}
+
+/* Held: not known to be wrong (at most a soft flush since the stamp); may be served in degraded mode. */
+static int gen_held(int64_t resident_id, gen_stamp_t s)
+{
+    gen_stamp_t now = gen_now(resident_id);
+    return now.gen == s.gen && now.hard == s.hard;
 }
 
 /*
@@ -669,10 +685,10 @@ static void citizen_store(hc_thread_t *t, const uint8_t key[16], int64_t residen
     pthread_mutex_unlock(&t->lock);
 }
 
-/* An entry may be served: not invalidated since its fill started, and its token valid for `min_left` more. */
+/* Degraded mode may serve an entry: held (see gen_held), and its token valid for `min_left` more. */
 static int entry_usable(const hc_entry_t *e, int64_t now, int64_t min_left)
 {
-    return e->exp - now > min_left && gen_same(e->resident_id, e->stamp);
+    return e->exp - now > min_left && gen_held(e->resident_id, e->stamp);
 }
 
 /* A copy of `e` in call memory (for entries read from another thread under its lock). */
@@ -1012,7 +1028,7 @@ static void obtain_degraded(ch_call_t *call, obtain_t *o, int err)
             obtain_done(call, o, e, 0);
             return;
         }
-        if (!gen_same(e->resident_id, e->stamp))
+        if (!gen_held(e->resident_id, e->stamp))
             code_drop(t, e); /* invalidated and not refreshable: dropped, never served */
     }
     if (err != CH_ENOTFOUND && (e = foreign_find(call, t, o->resident_id, now)) != NULL) {
@@ -1184,11 +1200,12 @@ static void obtain(ch_call_t *call, int64_t resident_id, obtain_cb cb)
     hc_thread_t *t = thread_state();
     int64_t now = time(NULL);
     hc_entry_t *e = code_find(t, resident_id);
-    if (e != NULL && !gen_same(resident_id, e->stamp)) {
+    int fresh = e != NULL && gen_same(resident_id, e->stamp);
+    if (e != NULL && !fresh && !gen_held(resident_id, e->stamp)) {
         code_drop(t, e);
         e = NULL;
     }
-    if (e != NULL) {
+    if (fresh) { /* a held entry that is not fresh is kept for degraded mode, but fetched again */
         if (e->exp - now > TOKEN_REFRESH_S) {
             cb(call, e, 0);
             return;
@@ -2272,7 +2289,7 @@ static void *redis_main(void *arg)
             backoff_ms = 50;
             if (ever) {
                 /* invalidations published while we were away are lost: start every cache afresh */
-                cache_flush_all();
+                cache_flush_all(0);
                 ch_log(LOG_INFO, "hc_subscribed", "subscribed to %s again; cached codes dropped", CHANNEL);
             }
             ever = 1;
