@@ -862,7 +862,7 @@ static int header_has(h2o_req_t *req, const h2o_token_t *token, const char *need
 }
 
 /* Rejects protobuf bodies carrying fields this contract does not know, as the JSON path does. */
-static const char *unknown_pb_field(const ProtobufCMessage *msg)
+const char *ch_pb_unknown_field(const ProtobufCMessage *msg)
 {
     if (msg->n_unknown_fields != 0)
         return msg->descriptor->name;
@@ -875,20 +875,30 @@ static const char *unknown_pb_field(const ProtobufCMessage *msg)
             size_t n = *(const size_t *)((const char *)msg + f->quantifier_offset);
             ProtobufCMessage *const *items = *(ProtobufCMessage *const *const *)member;
             for (size_t j = 0; j < n; ++j) {
-                const char *u = unknown_pb_field(items[j]);
+                const char *u = ch_pb_unknown_field(items[j]);
                 if (u != NULL)
                     return u;
             }
         } else {
             const ProtobufCMessage *sub = *(ProtobufCMessage *const *)member;
             if (sub != NULL) {
-                const char *u = unknown_pb_field(sub);
+                const char *u = ch_pb_unknown_field(sub);
                 if (u != NULL)
                     return u;
             }
         }
     }
     return NULL;
+}
+
+/* Both encodings meet the same limits: protobuf-c checks neither UTF-8 nor sizes, and handlers rely on both. */
+static int limits_or_respond(ch_call_t *call)
+{
+    ch_transcode_error_t err;
+    if (ch_pb_check_limits(call->body, &err) == 0)
+        return 0;
+    fail_field(call, CH_CODE_INVALID_ARGUMENT, err.field, "%s: %s", err.field, err.message);
+    return -1;
 }
 
 static int decode_body_or_respond(ch_call_t *call)
@@ -911,12 +921,12 @@ static int decode_body_or_respond(ch_call_t *call)
             ch_fail(call, CH_CODE_INVALID_ARGUMENT, "the body is not a valid %s protobuf message", route->request->name);
             return -1;
         }
-        const char *u = unknown_pb_field(call->body);
+        const char *u = ch_pb_unknown_field(call->body);
         if (u != NULL) {
             ch_fail(call, CH_CODE_INVALID_ARGUMENT, "unknown field in %s", u);
             return -1;
         }
-        return 0;
+        return limits_or_respond(call);
     }
     if (ctype.len != 0 && !(ctype.len >= 16 && strncasecmp(ctype.base, "application/json", 16) == 0)) {
         ch_fail(call, CH_CODE_UNSUPPORTED_MEDIA, "send application/json or application/x-protobuf");
@@ -931,7 +941,7 @@ static int decode_body_or_respond(ch_call_t *call)
             ch_fail(call, CH_CODE_INVALID_ARGUMENT, "%s", err.message);
         return -1;
     }
-    return 0;
+    return limits_or_respond(call);
 }
 
 static int authenticate_or_respond(ch_call_t *call)

@@ -27,6 +27,7 @@ typedef struct ch_config_key {
 static const ch_config_key_t keys[] = {
     KEY_UINT(threads, 1, 64),
     KEY_STR(listen),
+    KEY_STR(http_listen),
     KEY_PORT(https_port),
     KEY_PORT(http_port),
     KEY_STR(tls_cert),
@@ -44,6 +45,10 @@ static const ch_config_key_t keys[] = {
     KEY_UINT(shutdown_timeout_ms, 0, 600000),
     KEY_UINT(http2_max_concurrent, 1, 256),
     KEY_UINT(idle_timeout_ms, 100, 3600000),
+    KEY_UINT(request_timeout_ms, 1000, 3600000),
+    KEY_UINT(max_connections, 1, 1000000),
+    KEY_UINT(max_connections_per_ip, 0, 1000000),
+    KEY_UINT(max_requests_per_connection, 0, 1000000000),
     KEY_UINT(workers, 1, 64),
 };
 
@@ -52,6 +57,7 @@ void ch_config_defaults(ch_config_t *cfg)
     memset(cfg, 0, sizeof(*cfg));
     cfg->threads = 2;
     strcpy(cfg->listen, "127.0.0.1");
+    strcpy(cfg->http_listen, "127.0.0.1");
     cfg->https_port = 8443;
     cfg->http_port = 8080;
     strcpy(cfg->var_dir, "var");
@@ -67,6 +73,10 @@ void ch_config_defaults(ch_config_t *cfg)
     cfg->shutdown_timeout_ms = 10000;
     cfg->http2_max_concurrent = 100;
     cfg->idle_timeout_ms = 60000;
+    cfg->request_timeout_ms = 10000;
+    cfg->max_connections = 8192;
+    cfg->max_connections_per_ip = 512;
+    cfg->max_requests_per_connection = 100000;
     cfg->workers = 2;
 }
 

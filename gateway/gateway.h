@@ -74,6 +74,7 @@ typedef struct ch_thread {
     size_t loglen;
     void *auth;         /* auth.c's per-thread state (verified-token cache) */
     void *work;         /* work.c's per-thread completion queue */
+    void *conns;        /* conns.c's per-thread connection table */
 } ch_thread_t;
 
 typedef struct ch_server {
@@ -90,6 +91,19 @@ void ch_server_log_append(ch_thread_t *thread, const char *line, size_t len);
 
 /** Runs the server until SIGTERM/SIGINT; returns the process exit status. */
 int ch_server_run(const ch_config_t *config);
+
+/* ---- connection limits (conns.c) ---- */
+
+typedef struct ch_conns ch_conns_t;
+/** Sizes the per-address table (before threads start). */
+void ch_conns_init(const ch_config_t *config);
+ch_conns_t *ch_conns_new(void);
+/** Tracks an accepted socket; -1 when a connection cap refuses it (the caller closes it). */
+int ch_conns_admit(ch_thread_t *thread, h2o_socket_t *sock);
+/** The h2o handler entry: spends the HTTP/2 request budget, then ch_call_on_req. */
+int ch_conns_on_req(h2o_handler_t *self, h2o_req_t *req);
+/** Once a second: shuts stalled connections, resets slow HTTP/2 requests, logs what the caps refused. */
+void ch_conns_sweep(ch_thread_t *thread, uint64_t now_us);
 
 /* ---- authentication (auth.c) ---- */
 
@@ -111,6 +125,12 @@ int ch_work_submit(ch_thread_t *thread, void (*work)(void *), void (*done)(void 
 
 /** The h2o handler entry: routes, authenticates, decodes, calls the module handler. */
 int ch_call_on_req(h2o_handler_t *self, h2o_req_t *req);
+
+/**
+ * The name of the first message type in `msg` (nested messages included) that carries fields the contract does
+ * not know, or NULL: such protobuf bodies are refused, as the JSON path refuses unknown keys.
+ */
+const char *ch_pb_unknown_field(const ProtobufCMessage *msg);
 
 /** Statements the pipeline itself prepares (idempotency keys). */
 extern const ch_pg_stmt_t *const ch_call_stmts[];

@@ -3,6 +3,7 @@
 
 extern const ch_module_t ch_ops_module;
 extern const ch_module_t ch_keys_module;
+extern const ch_module_t ch_routes_module;
 extern const ch_module_t system_module;
 extern const ch_module_t identity_module;
 extern const ch_module_t healthcode_module;
@@ -11,6 +12,7 @@ extern const ch_module_t onething_module;
 const ch_module_t *const ch_modules[] = {
     &ch_ops_module,
     &ch_keys_module,
+    &ch_routes_module,
     &system_module,
     &identity_module,
     &healthcode_module,

@@ -66,9 +66,9 @@ static void metrics(ch_call_t *call)
 }
 
 static const ch_route_t routes[] = {
-    {"GET", "/healthz", CH_PUBLIC, NULL, NULL, healthz, CH_ROUTE_RAW},
-    {"GET", "/readyz", CH_PUBLIC, NULL, NULL, readyz, CH_ROUTE_RAW},
-    {"GET", "/metrics", CH_PUBLIC, NULL, NULL, metrics, CH_ROUTE_RAW},
+    {"GET", "/healthz", CH_PUBLIC, CH_OWN_NONE, NULL, NULL, healthz, CH_ROUTE_RAW},
+    {"GET", "/readyz", CH_PUBLIC, CH_OWN_NONE, NULL, NULL, readyz, CH_ROUTE_RAW},
+    {"GET", "/metrics", CH_PUBLIC, CH_OWN_NONE, NULL, NULL, metrics, CH_ROUTE_RAW},
 };
 
 static const ch_pg_stmt_t *const stmts[] = {&stmt_ready, NULL};

@@ -84,6 +84,33 @@ static ch_rnode_t *literal_child(const ch_rnode_t *n, const char *seg, size_t le
     return NULL;
 }
 
+const char *ch_own_name(ch_own_t own)
+{
+    static const char *const names[] = {"undeclared", "none", "self", "citizen", "department"};
+    return (unsigned)own < sizeof(names) / sizeof(names[0]) ? names[own] : "undeclared";
+}
+
+/* The ownership policy is what the authorization matrix checks a route against: it must be there and make sense. */
+static int policy_ok(const ch_route_t *route, char *err, size_t errlen)
+{
+    if (route->own == CH_OWN_UNDECLARED || route->own > CH_OWN_DEPARTMENT) {
+        set_err(err, errlen, "route %s %s: declares no ownership policy (.own, CH_OWN_* in module.h)", route->method,
+                route->path);
+        return 0;
+    }
+    if (route->roles == CH_PUBLIC && route->own != CH_OWN_NONE) {
+        set_err(err, errlen, "route %s %s: a public route has no caller to own anything: use CH_OWN_NONE",
+                route->method, route->path);
+        return 0;
+    }
+    if (route->own == CH_OWN_CITIZEN && strchr(route->path, '{') == NULL) {
+        set_err(err, errlen, "route %s %s: CH_OWN_CITIZEN needs a path parameter naming the resource", route->method,
+                route->path);
+        return 0;
+    }
+    return 1;
+}
+
 int ch_router_add(ch_router_t *router, const ch_route_t *route, char *err, size_t errlen)
 {
     const char *path = route->path;
@@ -92,6 +119,8 @@ int ch_router_add(ch_router_t *router, const ch_route_t *route, char *err, size_
                 route->method ? route->method : "?", path ? path : "?");
         return CH_EINVAL;
     }
+    if (!policy_ok(route, err, errlen))
+        return CH_EINVAL;
     ch_rnode_t *n = &router->root;
     const char *names[CH_MAX_PARAMS];
     size_t nnames = 0;

@@ -5,14 +5,17 @@
 #include <arpa/inet.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 #include <openssl/err.h>
+#include <openssl/pem.h>
 #include <openssl/ssl.h>
 #include "gateway.h"
 
@@ -24,7 +27,15 @@ const ch_config_t *ch_config(void)
 }
 
 static h2o_globalconf_t globalconf;
+/*
+ * The TLS context new connections get. SIGHUP replaces it (tls_reload) under tls_lock and bumps tls_generation;
+ * each loop then moves its TLS listeners to the new one (tls_adopt). A replaced context is never freed: h2o 2.2.5
+ * keeps a bare pointer to it in each accepted connection and calls SSL_new only when the client's first bytes
+ * arrive, which may be any time later. Reloads are rare and a context without a session cache is small.
+ */
 static SSL_CTX *ssl_ctx;
+static pthread_mutex_t tls_lock = PTHREAD_MUTEX_INITIALIZER;
+static atomic_uint tls_generation;
 static volatile sig_atomic_t shutdown_requested;
 
 #define LOGBUF_CAP 65536
@@ -102,6 +113,10 @@ static void on_accept(h2o_socket_t *listener, const char *err)
         h2o_socket_t *sock = h2o_evloop_socket_accept(listener);
         if (sock == NULL)
             break;
+        if (ch_conns_admit((ch_thread_t *)l->accept_ctx.ctx, sock) != 0) {
+            h2o_socket_close(sock);
+            continue;
+        }
         h2o_accept(&l->accept_ctx, sock);
     }
 }
@@ -113,6 +128,19 @@ static void refresh_gauges(ch_thread_t *thread)
     ch_pg_pool_stats(thread->pg, &pg);
     ch_redis_stats(thread->redis, &redis);
     ch_metrics_gauges(thread->metrics, &pg, &redis, thread->active_calls);
+}
+
+/* Moves this loop's TLS listeners to the context SIGHUP loaded; connections already open keep theirs. */
+static void tls_adopt(ch_thread_start_t *start, unsigned *seen)
+{
+    pthread_mutex_lock(&tls_lock);
+    *seen = atomic_load(&tls_generation);
+    for (size_t i = 0; i < start->nlisteners; ++i) {
+        h2o_accept_ctx_t *a = &start->listeners[i].accept_ctx;
+        if (a->ssl_ctx != NULL)
+            a->ssl_ctx = ssl_ctx;
+    }
+    pthread_mutex_unlock(&tls_lock);
 }
 
 static void *thread_main(void *arg)
@@ -133,6 +161,7 @@ static void *thread_main(void *arg)
     }
 
     uint64_t last_tick = 0, shutdown_at = 0;
+    unsigned tls_seen = atomic_load(&tls_generation);
     for (;;) {
         h2o_evloop_run(thread->loop, 100);
         uint64_t now = ch_now_us();
@@ -140,7 +169,10 @@ static void *thread_main(void *arg)
             last_tick = now;
             log_flush(thread);
             refresh_gauges(thread);
+            if (atomic_load(&tls_generation) != tls_seen)
+                tls_adopt(start, &tls_seen);
         }
+        ch_conns_sweep(thread, now);
         if (shutdown_requested && shutdown_at == 0) {
             /* stop accepting, tell HTTP/2 clients (GOAWAY), let in-flight requests finish */
             shutdown_at = now;
@@ -166,19 +198,50 @@ static void *thread_main(void *arg)
     return NULL;
 }
 
+/*
+ * Reads the TLS private key from the file it checked, refusing one that group or others may access, as the signing
+ * keys are refused (a symbolic link is followed: certificate tools keep keys behind them). An encrypted key is
+ * refused rather than prompting for a passphrase.
+ */
+static EVP_PKEY *tls_key_load(const char *path, char *err, size_t errlen)
+{
+    FILE *fp = fopen(path, "re");
+    if (fp == NULL) {
+        snprintf(err, errlen, "could not open TLS key %s: %s", path, strerror(errno));
+        return NULL;
+    }
+    struct stat st;
+    EVP_PKEY *key = NULL;
+    if (fstat(fileno(fp), &st) != 0 || !S_ISREG(st.st_mode))
+        snprintf(err, errlen, "TLS key %s is not a regular file", path);
+    else if ((st.st_mode & 077) != 0)
+        snprintf(err, errlen, "TLS key file %s is readable by group or others (mode %03o): chmod 600 it", path,
+                 (unsigned)(st.st_mode & 0777));
+    else if ((key = PEM_read_PrivateKey(fp, NULL, NULL, (void *)"")) == NULL)
+        snprintf(err, errlen, "could not read TLS key %s", path);
+    fclose(fp);
+    return key;
+}
+
 static SSL_CTX *tls_context_new(const ch_config_t *cfg, char *err, size_t errlen)
 {
     SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
     SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
     SSL_CTX_set_options(ctx, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION | SSL_OP_CIPHER_SERVER_PREFERENCE);
     SSL_CTX_set_cipher_list(ctx, "ECDHE+AESGCM:ECDHE+CHACHA20");
+    /* resumption by tickets only, so that a context replaced on SIGHUP holds no sessions while it is kept */
+    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
     if (SSL_CTX_use_certificate_chain_file(ctx, cfg->tls_cert) != 1) {
         snprintf(err, errlen, "could not load TLS certificate %s", cfg->tls_cert);
         SSL_CTX_free(ctx);
         return NULL;
     }
-    if (SSL_CTX_use_PrivateKey_file(ctx, cfg->tls_key, SSL_FILETYPE_PEM) != 1 || SSL_CTX_check_private_key(ctx) != 1) {
-        snprintf(err, errlen, "could not load TLS key %s (or it does not match the certificate)", cfg->tls_key);
+    EVP_PKEY *key = tls_key_load(cfg->tls_key, err, errlen);
+    int key_ok = key != NULL && SSL_CTX_use_PrivateKey(ctx, key) == 1 && SSL_CTX_check_private_key(ctx) == 1;
+    if (key != NULL && !key_ok)
+        snprintf(err, errlen, "TLS key %s does not match the certificate %s", cfg->tls_key, cfg->tls_cert);
+    EVP_PKEY_free(key);
+    if (!key_ok) {
         SSL_CTX_free(ctx);
         return NULL;
     }
@@ -225,6 +288,31 @@ static int routes_register(char *err, size_t errlen)
 }
 
 /*
+ * SIGHUP: loads the certificate and key files again. The loops move their listeners to the new context within
+ * ~100 ms; connections already open and their requests are not touched. A file that does not load is logged and
+ * the running context stays.
+ */
+static void tls_reload(const ch_config_t *cfg)
+{
+    char err[1100];
+    if (ssl_ctx == NULL) {
+        ch_log(CH_LOG_INFO, "tls_reload", "no TLS listener: nothing to reload");
+        return;
+    }
+    SSL_CTX *ctx = tls_context_new(cfg, err, sizeof(err));
+    if (ctx == NULL) {
+        ch_log(CH_LOG_ERROR, "tls_reload_failed", "%s; the previous certificate stays in use", err);
+        ERR_clear_error();
+        return;
+    }
+    pthread_mutex_lock(&tls_lock);
+    ssl_ctx = ctx;
+    atomic_fetch_add(&tls_generation, 1);
+    pthread_mutex_unlock(&tls_lock);
+    ch_log(CH_LOG_INFO, "tls_reload", "loaded %s and %s", cfg->tls_cert, cfg->tls_key);
+}
+
+/*
  * Start-up failed after background threads (auth resync, module workers) may have started: leave at once
  * with status 2, without exit()'s destructors racing those threads inside libpq.
  */
@@ -246,6 +334,7 @@ int ch_server_run(const ch_config_t *config)
     sigemptyset(&set);
     sigaddset(&set, SIGTERM);
     sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGHUP);
     pthread_sigmask(SIG_BLOCK, &set, NULL);
     signal(SIGPIPE, SIG_IGN);
     const ch_config_t *cfg = &ch_server.config;
@@ -269,14 +358,15 @@ int ch_server_run(const ch_config_t *config)
     globalconf.max_request_entity_size = cfg->max_body_bytes * 8 > (16u << 20) ? cfg->max_body_bytes * 8 : (16u << 20);
     globalconf.http2.idle_timeout = cfg->idle_timeout_ms;
     globalconf.http2.max_concurrent_requests_per_connection = cfg->http2_max_concurrent;
-    globalconf.http1.req_timeout = cfg->idle_timeout_ms;
+    globalconf.http1.req_timeout = cfg->request_timeout_ms;
     h2o_hostconf_t *host = h2o_config_register_host(&globalconf, h2o_iovec_init(H2O_STRLIT("default")), 65535);
     h2o_pathconf_t *path = h2o_config_register_path(host, "/", 0);
     h2o_handler_t *handler = h2o_create_handler(path, sizeof(*handler));
-    handler->on_req = ch_call_on_req;
+    handler->on_req = ch_conns_on_req;
 
     /* Open every listener before any thread starts, so a taken port fails start-up with a clear message. */
     ch_server.nthreads = cfg->threads;
+    ch_conns_init(cfg);
     ch_server.threads = calloc(cfg->threads, sizeof(*ch_server.threads));
     ch_thread_start_t *starts = calloc(cfg->threads, sizeof(*starts));
     if (ch_server.threads == NULL || starts == NULL)
@@ -286,7 +376,7 @@ int ch_server_run(const ch_config_t *config)
         for (int k = 0; k < 2; ++k) {
             if (ports[k] == 0)
                 continue;
-            int fd = listener_open(cfg->listen, ports[k], err, sizeof(err));
+            int fd = listener_open(k == 0 ? cfg->listen : cfg->http_listen, ports[k], err, sizeof(err));
             if (fd < 0) {
                 startup_failed(err);
             }
@@ -312,6 +402,7 @@ int ch_server_run(const ch_config_t *config)
             startup_failed(t->pg == NULL ? "pg_conninfo does not parse" : "redis_host must be an IP address");
         }
         t->metrics = ch_metrics_new(ch_router_count(ch_server.router));
+        t->conns = ch_conns_new();
         if (getrandom(&t->rng, sizeof(t->rng), 0) != sizeof(t->rng) || t->rng == 0)
             t->rng = 0x9E3779B97F4A7C15ULL + i;
         ch_server.threads[i] = t;
@@ -322,11 +413,12 @@ int ch_server_run(const ch_config_t *config)
     for (unsigned i = 0; i < cfg->threads; ++i)
         if (pthread_create(&starts[i].tid, NULL, thread_main, &starts[i]) != 0)
             abort();
-    ch_log(CH_LOG_INFO, "listening", "https://%s:%d http://%s:%d threads=%u", cfg->listen, cfg->https_port, cfg->listen,
-           cfg->http_port, cfg->threads);
+    ch_log(CH_LOG_INFO, "listening", "https://%s:%d http://%s:%d threads=%u", cfg->listen, cfg->https_port,
+           cfg->http_listen, cfg->http_port, cfg->threads);
 
     int sig = 0;
-    sigwait(&set, &sig);
+    while (sigwait(&set, &sig) == 0 && sig == SIGHUP)
+        tls_reload(cfg);
     ch_log(CH_LOG_INFO, "shutdown", "signal %d: finishing in-flight requests (at most %u ms)", sig,
            cfg->shutdown_timeout_ms);
     shutdown_requested = 1;

@@ -1875,3 +1875,73 @@ void ch_pb_to_json(const ProtobufCMessage *msg, ch_buf_t *out)
     else
         emit_message(out, msg, 0);
 }
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* limits of a decoded request                                                                                    */
+/* ------------------------------------------------------------------------------------------------------------ */
+
+static int check_string(tc_t *t, const char *s)
+{
+    if (s == NULL)
+        return 0;
+    size_t len = 0;
+    for (const unsigned char *p = (const unsigned char *)s; *p != '\0'; p += len) {
+        len = *p < 0x80 ? 1 : utf8_len(p);
+        if (len == 0)
+            return tc_fail(t, "not valid UTF-8");
+        if ((size_t)((const char *)p - s) + len > CH_TRANSCODE_MAX_STRING)
+            return tc_fail(t, "too long (at most %d bytes)", CH_TRANSCODE_MAX_STRING);
+    }
+    return 0;
+}
+
+static int check_message(tc_t *t, const ProtobufCMessage *msg)
+{
+    const ProtobufCMessageDescriptor *d = msg->descriptor;
+    size_t mark = t->path_len;
+    for (unsigned i = 0; i < d->n_fields; ++i) {
+        const ProtobufCFieldDescriptor *f = &d->fields[i];
+        const char *member = (const char *)msg + f->offset;
+        bool repeated = f->label == PROTOBUF_C_LABEL_REPEATED;
+        if (!repeated && f->type != PROTOBUF_C_TYPE_STRING && f->type != PROTOBUF_C_TYPE_MESSAGE)
+            continue;
+        /* the member of a oneof that is not the chosen case shares its memory with the one that is */
+        if ((f->flags & PROTOBUF_C_FIELD_FLAG_ONEOF) &&
+            *(const uint32_t *)((const char *)msg + f->quantifier_offset) != f->id)
+            continue;
+        path_set(t, mark);
+        path_key(t, f->name, strlen(f->name), false);
+        size_t n = 1;
+        const void *const *elems = (const void *const *)member;
+        if (repeated) {
+            n = *(const size_t *)((const char *)msg + f->quantifier_offset);
+            if (n > CH_TRANSCODE_MAX_ELEMENTS)
+                return tc_fail(t, "too many elements (at most %d)", CH_TRANSCODE_MAX_ELEMENTS);
+            if (f->type != PROTOBUF_C_TYPE_STRING && f->type != PROTOBUF_C_TYPE_MESSAGE)
+                continue;
+            elems = *(const void *const *const *)member;
+        }
+        size_t field_mark = t->path_len;
+        for (size_t k = 0; k < n && elems != NULL; k++) {
+            if (repeated) {
+                path_set(t, field_mark);
+                path_index(t, k);
+            }
+            int rc = f->type == PROTOBUF_C_TYPE_STRING ? check_string(t, elems[k])
+                     : elems[k] != NULL                ? check_message(t, elems[k])
+                                                       : 0;
+            if (rc < 0)
+                return rc;
+        }
+    }
+    path_set(t, mark);
+    return 0;
+}
+
+int ch_pb_check_limits(const ProtobufCMessage *msg, ch_transcode_error_t *err)
+{
+    tc_t t = {.err = err};
+    if (err != NULL)
+        err->field[0] = err->message[0] = '\0';
+    return check_message(&t, msg);
+}

@@ -380,7 +380,7 @@ def main():
     args = ap.parse_args()
 
     import harness
-    env = {}
+    env = {"CITYHALL_MAX_REQUESTS_PER_CONNECTION": "0"}  # h2load does not reconnect after a GOAWAY
     if args.pg_conns:
         env["CITYHALL_PG_CONNS"] = args.pg_conns
     cluster = harness.Cluster(threads=args.threads, env=env).start()  # keys init, migrate, serve

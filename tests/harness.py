@@ -26,6 +26,17 @@ The API (kept small and stable):
     Response: .status .headers (dict, lower-case names) .body (bytes) .http_version .json() .text
     CurlError: curl failed without an HTTP response (.rc is curl's exit code, 7 = refused)
     pb_encode(fields) / pb_decode(data) / pb_int64(u) / Fixed32 / Fixed64: protobuf wire format
+    totp(secret_b32, step=0) -> str         RFC 6238 code (HMAC-SHA1, 30 s, 6 digits) for staff logins
+    staff_add(gw, dept, hall, roles) -> dict
+                                            `cityhall staff add`: {username, password, secret, staff_id, dept}
+    staff_token(gw, dept, roles, step) -> dict
+                                            a new staff account logged in: the above + token (+ login body)
+    admin_token(gw) -> str                  an admin's access token (`staff add --roles admin`), one per gateway
+    client_token(gw, dept) -> dict          `cityhall client add` + POST /v1/auth/client-token: {client_id,
+                                            secret, token}
+    sms_login(gw, phone) -> dict            a citizen's SMS login through the development outbox (the per-IP
+                                            and per-phone send limits lifted first): the TokenResponse + phone
+    sms_lift_limits(gw, phone)              deletes those limits' Redis keys
     Skip: raise it in a test to report it as skipped (Gateway raises it when not built)
     ROOT, BUILD, gateway_binary(): the repository, the build dir ($CITYHALL_BUILD or build/),
                                    and build/cityhall in it
@@ -38,7 +49,10 @@ All waits are bounded. Set CITYHALL_TEST_KEEP=1 to keep temp folders for a post-
 """
 
 import atexit
+import base64
 import ctypes
+import hashlib
+import hmac
 import json as _json
 import os
 import pwd
@@ -973,6 +987,99 @@ def curl(url, method="GET", http="h2c", headers=None, data=None, timeout=10, jso
     as the body (Content-Type defaults to application/json); json: an object sent as JSON.
     TLS certificates are not verified (-k)."""
     return curl_async(url, method, http, headers, data, timeout, json).wait()
+
+
+# --------------------------------------------------------------------------- callers: citizens, staff, clients
+
+def totp(secret_b32, step=0):
+    """RFC 6238 (HMAC-SHA1, 30 s steps, 6 digits); `step` moves from the current step."""
+    key = base64.b32decode(secret_b32 + "=" * (-len(secret_b32) % 8))
+    mac = hmac.new(key, struct.pack(">Q", int(time.time() // 30) + step), hashlib.sha1).digest()
+    off = mac[-1] & 15
+    return "%06d" % ((struct.unpack(">I", mac[off:off + 4])[0] & 0x7FFFFFFF) % 1000000)
+
+
+def _printed_fields(stdout):
+    """The `  name:  value` lines a cityhall command prints (credentials shown once)."""
+    import re
+    return dict(re.findall(r"^\s+([a-z ]+):\s+(\S+)$", stdout, re.M))
+
+
+def staff_add(gw, dept="health", hall="tianhe-hall", roles=None):
+    """`cityhall staff add` with a new username; {username, password, secret, staff_id, dept, hall}."""
+    username = "h" + os.urandom(6).hex()
+    args = ["staff", "add", "--username", username, "--dept", dept, "--hall", hall]
+    if roles:
+        args += ["--roles", roles]
+    r = gw.run(*args)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    fields = _printed_fields(r.stdout)
+    staff_id = gw.pg.psql(f"SELECT staff_id FROM staff_accounts WHERE username = '{username}'")
+    return {"username": username, "password": fields["password"], "secret": fields["totp secret"],
+            "staff_id": staff_id, "dept": dept, "hall": hall}
+
+
+def staff_token(gw, dept="health", hall="tianhe-hall", roles=None, step=0):
+    """A new staff account, logged in with POST /v1/staff/login: staff_add's dict + token and login."""
+    acct = staff_add(gw, dept, hall, roles)
+    r = gw.request("/v1/staff/login", method="POST", json={
+        "username": acct["username"], "password": acct["password"], "totp": totp(acct["secret"], step)})
+    assert r.status == 200, r
+    return dict(acct, token=r.json()["access_token"], login=r.json())
+
+
+def admin_token(gw):
+    """An admin's access token (`cityhall staff add --roles admin`, dept platform), made once per gateway."""
+    if getattr(gw, "_admin", None) is None or gw._admin[1] < time.time() + 60:
+        t = staff_token(gw, dept="platform", roles="admin")
+        assert t["login"]["role"] == "admin", t["login"]
+        gw._admin = (t["token"], time.time() + t["login"]["expires_in"])
+    return gw._admin[0]
+
+
+def client_token(gw, dept="health"):
+    """A department client (`cityhall client add`) and its dept token: {client_id, secret, dept, token}."""
+    client_id = "c-" + os.urandom(5).hex()
+    r = gw.run("client", "add", "--client-id", client_id, "--dept", dept)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    secret = _printed_fields(r.stdout)["client secret"]
+    r = gw.request("/v1/auth/client-token", method="POST", json={"client_id": client_id, "client_secret": secret})
+    assert r.status == 200, r
+    return {"client_id": client_id, "secret": secret, "dept": dept, "token": r.json()["access_token"]}
+
+
+def _sms_codes(gw, phone):
+    try:
+        with open(os.path.join(gw.env["CITYHALL_VAR"], "sms-outbox.jsonl")) as f:
+            msgs = [_json.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        return []
+    return [m["code"] for m in msgs if m.get("phone") == phone and "code" in m]
+
+
+def sms_lift_limits(gw, phone):
+    """Deletes the per-IP SMS counters and the phone's own keys (id:ip:*, id:{<keyed hash>}:*) from Redis."""
+    with open(os.path.join(gw.env["CITYHALL_VAR"], "keys", "data.key")) as f:
+        mac_key = bytes.fromhex(f.read().strip())[32:64]
+    phone_hash = hmac.new(mac_key, b"phone\0" + phone.encode(), hashlib.sha256).hexdigest()
+    keys = [k for k in gw.redis.cli("--scan", "--pattern", "id:ip:*").split() if k]
+    keys += [k for k in gw.redis.cli("--scan", "--pattern", f"id:{{{phone_hash}}}:*").split() if k]
+    if keys:
+        gw.redis.cli("DEL", *keys)
+
+
+def sms_login(gw, phone=None):
+    """A citizen's SMS login (a new random phone by default) through the development outbox, the send limits
+    lifted first; returns the TokenResponse dict with `phone` added."""
+    phone = phone or "199" + "".join(random.choice("0123456789") for _ in range(8))
+    sms_lift_limits(gw, phone)
+    before = len(_sms_codes(gw, phone))
+    r = gw.request("/v1/auth/sms-code", method="POST", json={"phone": phone})
+    assert r.status == 202, r
+    code = wait_for(lambda: _sms_codes(gw, phone)[before:], timeout=5, what="the SMS code")[-1]
+    r = gw.request("/v1/auth/login", method="POST", json={"phone": phone, "code": code})
+    assert r.status == 200, r
+    return dict(r.json(), phone=phone)
 
 
 # --------------------------------------------------------------------------- protobuf wire format

@@ -1,4 +1,6 @@
 /* Appeals of a code's color: a citizen asks, one staff member proposes, a second one decides (four-eyes). */
+#include <ctype.h>
+#include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -206,8 +208,10 @@ static int page_or_respond(ch_call_t *call, int *size, const char **cursor_us, c
     *cursor_us = *cursor_id = NULL;
     if (ps != NULL && ps[0] != '\0') {
         char *end;
+        errno = 0;
         long n = strtol(ps, &end, 10);
-        if (*end != '\0' || n < 1) {
+        /* strtol takes leading blanks and clamps on overflow: only plain digits that fit are a page size */
+        if (!isdigit((unsigned char)ps[0]) || *end != '\0' || errno == ERANGE || n < 1) {
             ch_fail(call, CH_CODE_INVALID_ARGUMENT, "page_size: a positive number (at most %d)", PAGE_MAX);
             return -1;
         }
@@ -408,6 +412,12 @@ void hc_appeal_get(ch_call_t *call)
 
 void hc_appeals_queue(ch_call_t *call)
 {
+    if (!hc_health_dept(call)) { /* another department's queue has none of these */
+        AppealList empty;
+        cityhall__healthcode__v1__appeal_list__init(&empty);
+        ch_reply(call, 200, &empty.base);
+        return;
+    }
     int *size = ch_call_alloc(call, sizeof(*size));
     const char *cursor_us, *cursor_id;
     if (page_or_respond(call, size, &cursor_us, &cursor_id) != 0)
@@ -452,7 +462,8 @@ void hc_appeal_propose(ch_call_t *call)
     AppealProposal *req = ch_call_body(call);
     const char *id = ch_call_param(call, "id");
     uint8_t bytes[16];
-    if (hc_uuid_parse(id, bytes) != 0 || hc_uuid_parse(ch_call_principal(call)->subject, bytes) != 0) {
+    if (!hc_health_dept(call) || hc_uuid_parse(id, bytes) != 0 ||
+        hc_uuid_parse(ch_call_principal(call)->subject, bytes) != 0) {
         ch_fail(call, CH_CODE_NOT_FOUND, "no such appeal");
         return;
     }
@@ -576,7 +587,8 @@ void hc_appeal_approve(ch_call_t *call)
     AppealApproval *req = ch_call_body(call);
     const char *id = ch_call_param(call, "id");
     uint8_t bytes[16];
-    if (hc_uuid_parse(id, bytes) != 0 || hc_uuid_parse(ch_call_principal(call)->subject, bytes) != 0) {
+    if (!hc_health_dept(call) || hc_uuid_parse(id, bytes) != 0 ||
+        hc_uuid_parse(ch_call_principal(call)->subject, bytes) != 0) {
         ch_fail(call, CH_CODE_NOT_FOUND, "no such appeal");
         return;
     }

@@ -551,11 +551,7 @@ typedef struct verified {
     const void *ring; /* the ring state that verified it: a reloaded ring verifies again */
     char *token;
     size_t len;
-    int64_t exp;
-    int color;
-    int paper; /* a paper code: `paper_id` holds its id */
-    uint8_t paper_id[16];
-    char masked[64];
+    hc_token_t claims;
 } verified_t;
 
 typedef struct hc_thread {
@@ -1784,44 +1780,53 @@ static uint64_t bytes_hash(const char *p, size_t len)
     return mix64(h);
 }
 
+const char *hc_token_verify(const ch_keyring_t *ring, const char *token, size_t len, int64_t now, hc_token_t *out)
+{
+    json_t *claims = NULL;
+    if (ch_jws_verify(ring, "hc+jwt", token, len, &claims) != 0)
+        return verify_refusal(token, len);
+    const char *why = NULL;
+    if (ch_jwt_check(claims, "cityhall", NULL, now, VERIFY_LEEWAY_S, &why) != 0) {
+        json_decref(claims);
+        return why != NULL && strcmp(why, "expired") == 0 ? "expired" : "malformed";
+    }
+    const char *sub = json_string_value(json_object_get(claims, "sub"));
+    const char *nm = json_string_value(json_object_get(claims, "nm"));
+    int color = color_parse(json_string_value(json_object_get(claims, "col")));
+    json_t *exp = json_object_get(claims, "exp"), *paper = json_object_get(claims, "paper");
+    hc_token_t v = {0, color, paper != NULL, {0}, ""};
+    int ok = sub != NULL && color >= 0 && nm != NULL && strlen(nm) < sizeof(v.masked) && json_is_integer(exp) &&
+             (paper == NULL || uuid_parse(json_string_value(paper), v.paper_id) == 0);
+    if (ok) {
+        v.exp = json_integer_value(exp);
+        snprintf(v.masked, sizeof(v.masked), "%s", nm);
+    }
+    json_decref(claims);
+    if (!ok)
+        return "malformed";
+    *out = v;
+    return NULL;
+}
+
 /*
- * Verifies signature and claims into `out` (from the thread's cache when this exact token verified before with
- * this ring). Returns NULL, or the reason the token is not valid.
+ * hc_token_verify with `rs`'s ring, from the thread's cache when this exact token verified before with this ring.
+ * Returns NULL, or the reason the token is not valid.
  */
 static const char *token_check(hc_thread_t *t, const ring_state_t *rs, const char *token, size_t len, int64_t now,
-                               verified_t *out)
+                               hc_token_t *out)
 {
     verified_t *slot = &t->verified[bytes_hash(token, len) & (VERIFIED_SLOTS - 1)];
     if (slot->token == NULL || slot->ring != rs || slot->len != len || memcmp(slot->token, token, len) != 0) {
-        json_t *claims = NULL;
-        if (ch_jws_verify(rs->ring, "hc+jwt", token, len, &claims) != 0)
-            return verify_refusal(token, len);
-        const char *why = NULL;
-        if (ch_jwt_check(claims, "cityhall", NULL, now, VERIFY_LEEWAY_S, &why) != 0) {
-            json_decref(claims);
-            return why != NULL && strcmp(why, "expired") == 0 ? "expired" : "malformed";
-        }
-        const char *sub = json_string_value(json_object_get(claims, "sub"));
-        const char *nm = json_string_value(json_object_get(claims, "nm"));
-        int color = color_parse(json_string_value(json_object_get(claims, "col")));
-        json_t *exp = json_object_get(claims, "exp"), *paper = json_object_get(claims, "paper");
-        verified_t v = {rs, NULL, len, 0, color, paper != NULL, {0}, ""};
-        int ok = sub != NULL && color >= 0 && nm != NULL && strlen(nm) < sizeof(v.masked) && json_is_integer(exp) &&
-                 (paper == NULL || uuid_parse(json_string_value(paper), v.paper_id) == 0);
-        if (ok) {
-            v.exp = json_integer_value(exp);
-            snprintf(v.masked, sizeof(v.masked), "%s", nm);
-        }
-        json_decref(claims);
-        if (!ok)
-            return "malformed";
+        hc_token_t v;
+        const char *refusal = hc_token_verify(rs->ring, token, len, now, &v);
+        if (refusal != NULL)
+            return refusal;
         free(slot->token);
-        *slot = v;
-        slot->token = xstrndup(token, len);
+        *slot = (verified_t){rs, xstrndup(token, len), len, v};
     }
-    if (!(slot->exp > now - VERIFY_LEEWAY_S))
+    if (!(slot->claims.exp > now - VERIFY_LEEWAY_S))
         return "expired";
-    *out = *slot;
+    *out = slot->claims;
     return NULL;
 }
 
@@ -1842,7 +1847,7 @@ void hc_verify(ch_call_t *call)
         ch_fail(call, CH_CODE_UNAVAILABLE, "no signing keys loaded");
         return;
     }
-    verified_t c;
+    hc_token_t c;
     const char *refusal = token_check(thread_state(), rs, req->token, len, time(NULL), &c);
     if (refusal != NULL) {
         verify_reply_invalid(call, refusal);
@@ -1984,6 +1989,10 @@ void hc_paper_code(ch_call_t *call)
 {
     PaperCodeRequest *req = ch_call_body(call);
     const char *why = NULL;
+    if (!hc_health_dept(call)) {
+        ch_fail(call, CH_CODE_PERMISSION_DENIED, "only health department staff issue paper codes");
+        return;
+    }
     if (req->id_number == NULL || req->id_number[0] == '\0') {
         ch_fail(call, CH_CODE_INVALID_ARGUMENT, "id_number: required");
         return;
@@ -2087,7 +2096,7 @@ void hc_paper_code_revoke(ch_call_t *call)
 {
     const char *id = ch_call_param(call, "id");
     paper_revoke_t *pr = ch_call_alloc(call, sizeof(*pr));
-    if (id == NULL || uuid_parse(id, pr->id) != 0) {
+    if (!hc_health_dept(call) || id == NULL || uuid_parse(id, pr->id) != 0) {
         ch_fail(call, CH_CODE_NOT_FOUND, "no such paper code");
         return;
     }

@@ -3,6 +3,7 @@
 #define HEALTHCODE_H
 
 #include <stdint.h>
+#include "cityhall/jws.h"
 #include "cityhall/module.h"
 #include "healthcode/v1/healthcode.pb-c.h"
 
@@ -65,6 +66,36 @@ typedef void (*hc_subject_cb)(ch_call_t *call, int64_t resident_id);
  * returns; whenever cb runs, ch_call_data is the caller's again.
  */
 int hc_subject_resolve(ch_call_t *call, const char *dependent_id, hc_subject_cb cb);
+
+/**
+ * Inputs that change other people's codes (test results, risk areas, quarantine orders, confirmed cases) come from
+ * the health authority only: a client of another department answers 403. Returns 0 to go on, -1 after answering.
+ */
+int hc_authority_or_respond(ch_call_t *call);
+
+/**
+ * The caller belongs to the health department (its staff or its clients). Appeals are decided and paper codes
+ * issued by health staff only: another department's staff see an empty queue and get the 404 of an unknown appeal
+ * or paper code (the route policy "department"), or 403 where nothing is named (issuing a paper code).
+ */
+int hc_health_dept(ch_call_t *call);
+
+/** What a verified QR or paper token says (display.c). */
+typedef struct hc_token {
+    int64_t exp; /* Unix seconds */
+    int color;   /* HC_* */
+    int paper;   /* a paper code: `paper_id` holds its id */
+    uint8_t paper_id[16];
+    char masked[64];
+} hc_token_t;
+
+/**
+ * The checks of POST /v1/health/verify on one token, without its cache: an ES256 JWS of `ring` with typ hc+jwt,
+ * iss "cityhall", exp (and nbf, iat when present) within VERIFY_LEEWAY_S of `now`, a string sub, col a color, nm
+ * a string shorter than `masked`, and paper absent or a UUID. Returns NULL and fills `out`, or the refusal the
+ * scanner is told: "malformed", "bad_signature" or "expired".
+ */
+const char *hc_token_verify(const ch_keyring_t *ring, const char *token, size_t len, int64_t now, hc_token_t *out);
 
 /* ---- handlers, by file ---- */
 

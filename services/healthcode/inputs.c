@@ -46,19 +46,17 @@ static const char *const symptom_names[] = {
 /*
  * A declaration, idempotent by (declared_by, Idempotency-Key): a retry inserts nothing. $1 resident, $2 symptoms,
  * $3 temperature (NULL: not measured), $4 regions, $5 contact flag, $6 citizen account, $7 key (NULL: none),
- * $8 request hash (hex). Columns: inserted (0/1), the hash and resident of the request that holds the key.
+ * $8 request hash (hex). Columns: the hash and resident of the request that holds the key (ours when inserted).
+ * DO UPDATE (of nothing) rather than DO NOTHING: it returns the row holding the key even when a concurrent request
+ * committed it after this statement's snapshot, which a SELECT here could not see.
  */
 static const ch_pg_stmt_t stmt_declare = {
     "hc_in_declare",
-    "WITH ins AS (INSERT INTO declarations (resident_id, symptoms, temperature_c, visited_regions, "
-    "                                       contact_with_confirmed, declared_by, idem_key, request_hash) "
-    "             VALUES ($1::bigint, $2::text[], $3::double precision, $4::text[], $5::boolean, $6::uuid, $7, "
-    "                     decode($8, 'hex')) "
-    "             ON CONFLICT (declared_by, idem_key) DO NOTHING RETURNING declaration_id) "
-    "SELECT (SELECT count(*) FROM ins), "
-    "       (SELECT encode(d.request_hash, 'hex') FROM declarations d "
-    "        WHERE d.declared_by = $6::uuid AND d.idem_key = $7), "
-    "       (SELECT d.resident_id FROM declarations d WHERE d.declared_by = $6::uuid AND d.idem_key = $7)",
+    "INSERT INTO declarations (resident_id, symptoms, temperature_c, visited_regions, contact_with_confirmed, "
+    "                          declared_by, idem_key, request_hash) "
+    "VALUES ($1::bigint, $2::text[], $3::double precision, $4::text[], $5::boolean, $6::uuid, $7, decode($8, 'hex')) "
+    "ON CONFLICT (declared_by, idem_key) DO UPDATE SET idem_key = EXCLUDED.idem_key "
+    "RETURNING encode(request_hash, 'hex'), resident_id",
     8};
 
 /*
@@ -300,14 +298,12 @@ static void on_declared(ch_call_t *call, ch_pg_result_t *r)
         return;
     }
     PGresult *res = r->res[0];
-    if (PQgetvalue(res, 0, 0)[0] == '0' && !PQgetisnull(res, 0, 1)) {
-        /* the key was used before: the same request is a retry, another one a misuse of the key */
-        if (strcmp(PQgetvalue(res, 0, 1), d->hash) != 0) {
-            ch_fail(call, CH_CODE_FAILED_PRECONDITION, "Idempotency-Key was already used with a different request");
-            return;
-        }
-        d->resident_id = strtoll(PQgetvalue(res, 0, 2), NULL, 10);
+    /* a key used before: the same request is a retry, another one a misuse of the key */
+    if (strcmp(PQgetvalue(res, 0, 0), d->hash) != 0) {
+        ch_fail(call, CH_CODE_FAILED_PRECONDITION, "Idempotency-Key was already used with a different request");
+        return;
     }
+    d->resident_id = strtoll(PQgetvalue(res, 0, 1), NULL, 10);
     int ret = hc_recompute(call, d->resident_id, on_declared_recomputed);
     if (ret != 0)
         ch_fail_err(call, ret);
@@ -575,6 +571,8 @@ static void on_tr_checked(ch_call_t *call, void *arg)
 
 void hc_test_results(ch_call_t *call)
 {
+    if (hc_authority_or_respond(call) != 0)
+        return;
     TestResultBatch *req = ch_call_body(call);
     size_t n = req->n_results;
     if (n == 0 || n > TEST_ROWS_MAX) {
@@ -641,6 +639,8 @@ static void on_areas_committed(ch_call_t *call, ch_pg_result_t *r)
 
 void hc_risk_areas(ch_call_t *call)
 {
+    if (hc_authority_or_respond(call) != 0)
+        return;
     RiskAreaBatch *req = ch_call_body(call);
     if (req->n_areas == 0 || req->n_areas > AREAS_MAX) {
         ch_fail(call, CH_CODE_INVALID_ARGUMENT, "areas: 1 to %d areas", AREAS_MAX);
@@ -793,6 +793,8 @@ static void on_quarantine_resident(ch_call_t *call, ch_pg_result_t *r)
 
 void hc_quarantine(ch_call_t *call)
 {
+    if (hc_authority_or_respond(call) != 0)
+        return;
     QuarantineRequest *req = ch_call_body(call);
     char id[19];
     const char *why = id_normalize(req->id_number, id);

@@ -883,6 +883,8 @@ static void case_read(ch_call_t *call)
 
 void hc_confirmed_case(ch_call_t *call)
 {
+    if (hc_authority_or_respond(call) != 0)
+        return;
     ConfirmedCase *req = ch_call_body(call);
     case_state_t *st = ch_call_alloc(call, sizeof(*st));
     memset(st, 0, sizeof(*st));

@@ -6,29 +6,34 @@
 
 static const ch_route_t routes[] = {
     /* citizens: login by SMS code, tokens, sessions */
-    {"POST", "/v1/auth/sms-code", CH_PUBLIC, D(send_sms_code_request), D(send_sms_code_response), identity_sms_code, 0},
-    {"POST", "/v1/auth/login", CH_PUBLIC, D(login_request), D(token_response), identity_login, 0},
-    {"POST", "/v1/auth/refresh", CH_PUBLIC, D(refresh_request), D(token_response), identity_refresh, 0},
-    {"POST", "/v1/auth/logout", ANY_ROLE, NULL, NULL, identity_logout, 0},
-    {"GET", "/v1/me/sessions", CH_ROLE_CITIZEN, NULL, D(session_list), identity_sessions_list, 0},
-    {"DELETE", "/v1/me/sessions/{id}", CH_ROLE_CITIZEN, NULL, NULL, identity_session_delete, 0},
+    {"POST", "/v1/auth/sms-code", CH_PUBLIC, CH_OWN_NONE, D(send_sms_code_request), D(send_sms_code_response),
+     identity_sms_code, 0},
+    {"POST", "/v1/auth/login", CH_PUBLIC, CH_OWN_NONE, D(login_request), D(token_response), identity_login, 0},
+    {"POST", "/v1/auth/refresh", CH_PUBLIC, CH_OWN_NONE, D(refresh_request), D(token_response), identity_refresh, 0},
+    {"POST", "/v1/auth/logout", ANY_ROLE, CH_OWN_SELF, NULL, NULL, identity_logout, 0},
+    {"GET", "/v1/me/sessions", CH_ROLE_CITIZEN, CH_OWN_SELF, NULL, D(session_list), identity_sessions_list, 0},
+    {"DELETE", "/v1/me/sessions/{id}", CH_ROLE_CITIZEN, CH_OWN_CITIZEN, NULL, NULL, identity_session_delete, 0},
 
     /* the citizen's account, real name, dependents, who read my data */
-    {"GET", "/v1/me", CH_ROLE_CITIZEN, NULL, D(me), identity_me, 0},
-    {"POST", "/v1/me/real-name", CH_ROLE_CITIZEN, D(real_name_request), D(real_name_response), identity_real_name, 0},
-    {"POST", "/v1/me/dependents", CH_ROLE_CITIZEN, D(add_dependent_request), D(dependent), identity_dependent_add,
-     CH_ROUTE_IDEMPOTENT},
-    {"GET", "/v1/me/dependents", CH_ROLE_CITIZEN, NULL, D(dependent_list), identity_dependents_list, 0},
-    {"GET", "/v1/me/access-log", CH_ROLE_CITIZEN, NULL, D(access_log_page), identity_access_log, 0},
+    {"GET", "/v1/me", CH_ROLE_CITIZEN, CH_OWN_SELF, NULL, D(me), identity_me, 0},
+    {"POST", "/v1/me/real-name", CH_ROLE_CITIZEN, CH_OWN_SELF, D(real_name_request), D(real_name_response),
+     identity_real_name, 0},
+    {"POST", "/v1/me/dependents", CH_ROLE_CITIZEN, CH_OWN_SELF, D(add_dependent_request), D(dependent),
+     identity_dependent_add, CH_ROUTE_IDEMPOTENT},
+    {"GET", "/v1/me/dependents", CH_ROLE_CITIZEN, CH_OWN_SELF, NULL, D(dependent_list), identity_dependents_list, 0},
+    {"GET", "/v1/me/access-log", CH_ROLE_CITIZEN, CH_OWN_SELF, NULL, D(access_log_page), identity_access_log, 0},
 
     /* counter staff, acting for a present citizen, department clients */
-    {"POST", "/v1/staff/login", CH_PUBLIC, D(staff_login_request), D(token_response), identity_staff_login, 0},
-    {"POST", "/v1/staff/delegations", CH_ROLE_STAFF, D(delegation_request), D(delegation_response),
+    {"POST", "/v1/staff/login", CH_PUBLIC, CH_OWN_NONE, D(staff_login_request), D(token_response), identity_staff_login,
+     0},
+    {"POST", "/v1/staff/delegations", CH_ROLE_STAFF, CH_OWN_NONE, D(delegation_request), D(delegation_response),
      identity_delegation_open, 0},
-    {"POST", "/v1/auth/client-token", CH_PUBLIC, D(client_token_request), D(token_response), identity_client_token, 0},
+    {"POST", "/v1/auth/client-token", CH_PUBLIC, CH_OWN_NONE, D(client_token_request), D(token_response),
+     identity_client_token, 0},
 
     /* self-service kiosks: the device signs the ID-card read and face match */
-    {"POST", "/v1/kiosk/sessions", CH_PUBLIC, D(kiosk_session_request), D(token_response), identity_kiosk_session, 0},
+    {"POST", "/v1/kiosk/sessions", CH_PUBLIC, CH_OWN_NONE, D(kiosk_session_request), D(token_response),
+     identity_kiosk_session, 0},
 };
 
 static const ch_command_t commands[] = {

@@ -65,6 +65,11 @@ void ot_http_run(ot_http_pool_t *pool, ot_http_req_t *reqs, size_t n, unsigned p
 
 /** Lower-case hex HMAC-SHA-256 over "<t>.<body>" with `secret` into out (65 bytes). */
 void ot_sign_body(const char *secret, size_t secret_len, int64_t t, const void *body, size_t len, char out[65]);
+/** Parses x-cityhall-signature (t=<unix seconds>,v1=<64 hex>) into `t` and `v1` (lower case); 0 or -1. */
+int ot_signature_parse(const char *header, long long *t, char v1[65]);
+/** 0 when `v1` is the signature of "<t>.<body>" with `secret` (compared in constant time), else -1. */
+int ot_signature_check(const char *secret, size_t secret_len, long long t, const char v1[65], const void *body,
+                       size_t len);
 
 /* ---- licences.c ---- */
 

@@ -14,6 +14,7 @@
 #include <unistd.h>
 #include <pthread.h>
 #include <openssl/core_names.h>
+#include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/params.h>
 #include "cityhall/pii.h"
@@ -558,4 +559,12 @@ void ot_sign_body(const char *secret, size_t secret_len, int64_t t, const void *
         abort();
     EVP_MAC_CTX_free(ctx);
     ch_hex(mac, ml, out);
+}
+
+int ot_signature_check(const char *secret, size_t secret_len, long long t, const char v1[65], const void *body,
+                       size_t len)
+{
+    char mac[65];
+    ot_sign_body(secret, secret_len, t, body, len, mac);
+    return CRYPTO_memcmp(mac, v1, 64) == 0 ? 0 : -1;
 }

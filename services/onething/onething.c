@@ -6,25 +6,28 @@
 
 static const ch_route_t routes[] = {
     /* the catalog and the one form, prefilled from what departments already hold */
-    {"GET", "/v1/onething/bundles", CH_ROLE_CITIZEN | STAFF, NULL, D(bundle_list), ot_bundles, 0},
-    {"GET", "/v1/onething/bundles/{code}/form", CH_ROLE_CITIZEN, NULL, D(form), ot_form, 0},
+    {"GET", "/v1/onething/bundles", CH_ROLE_CITIZEN | STAFF, CH_OWN_NONE, NULL, D(bundle_list), ot_bundles, 0},
+    {"GET", "/v1/onething/bundles/{code}/form", CH_ROLE_CITIZEN, CH_OWN_SELF, NULL, D(form), ot_form, 0},
 
     /* one submission, many departments */
-    {"POST", "/v1/onething/applications", CH_ROLE_CITIZEN, D(submit_application_request), D(application), ot_submit,
-     CH_ROUTE_IDEMPOTENT},
-    {"GET", "/v1/onething/applications", CH_ROLE_CITIZEN, NULL, D(application_list), ot_applications, 0},
-    {"GET", "/v1/onething/applications/{id}", CH_ROLE_CITIZEN, NULL, D(application), ot_application, 0},
-    {"POST", "/v1/onething/applications/{id}/supplements", CH_ROLE_CITIZEN, D(supplement_request), D(application),
-     ot_supplement, CH_ROUTE_IDEMPOTENT},
-    {"POST", "/v1/onething/applications/{id}/withdrawal", CH_ROLE_CITIZEN, NULL, D(application), ot_withdraw, 0},
-    {"POST", "/v1/onething/applications/{id}/rating", CH_ROLE_CITIZEN, D(rate_request), D(application), ot_rate, 0},
-    {"GET", "/v1/me/notifications", CH_ROLE_CITIZEN, NULL, D(notification_list), ot_notifications, 0},
-    {"GET", "/v1/me/licences", CH_ROLE_CITIZEN, NULL, D(licence_list), ot_licences, 0},
+    {"POST", "/v1/onething/applications", CH_ROLE_CITIZEN, CH_OWN_SELF, D(submit_application_request), D(application),
+     ot_submit, CH_ROUTE_IDEMPOTENT},
+    {"GET", "/v1/onething/applications", CH_ROLE_CITIZEN, CH_OWN_SELF, NULL, D(application_list), ot_applications, 0},
+    {"GET", "/v1/onething/applications/{id}", CH_ROLE_CITIZEN, CH_OWN_CITIZEN, NULL, D(application), ot_application, 0},
+    {"POST", "/v1/onething/applications/{id}/supplements", CH_ROLE_CITIZEN, CH_OWN_CITIZEN, D(supplement_request),
+     D(application), ot_supplement, CH_ROUTE_IDEMPOTENT},
+    {"POST", "/v1/onething/applications/{id}/withdrawal", CH_ROLE_CITIZEN, CH_OWN_CITIZEN, NULL, D(application),
+     ot_withdraw, 0},
+    {"POST", "/v1/onething/applications/{id}/rating", CH_ROLE_CITIZEN, CH_OWN_CITIZEN, D(rate_request), D(application),
+     ot_rate, 0},
+    {"GET", "/v1/me/notifications", CH_ROLE_CITIZEN, CH_OWN_SELF, NULL, D(notification_list), ot_notifications, 0},
+    {"GET", "/v1/me/licences", CH_ROLE_CITIZEN, CH_OWN_SELF, NULL, D(licence_list), ot_licences, 0},
 
     /* departments answer through signed callbacks, or their staff work cityhall's queue */
-    {"POST", "/v1/departments/{dept}/callbacks", CH_PUBLIC, D(department_callback), D(callback_ack), ot_callback, 0},
-    {"GET", "/v1/staff/tasks", STAFF, NULL, D(task_list), ot_tasks, 0},
-    {"POST", "/v1/staff/tasks/{id}/decision", STAFF, D(decision), D(task), ot_decide, 0},
+    {"POST", "/v1/departments/{dept}/callbacks", CH_PUBLIC, CH_OWN_NONE, D(department_callback), D(callback_ack),
+     ot_callback, 0},
+    {"GET", "/v1/staff/tasks", STAFF, CH_OWN_DEPARTMENT, NULL, D(task_list), ot_tasks, 0},
+    {"POST", "/v1/staff/tasks/{id}/decision", STAFF, CH_OWN_DEPARTMENT, D(decision), D(task), ot_decide, 0},
 };
 
 static const ch_command_t commands[] = {

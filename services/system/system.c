@@ -167,11 +167,14 @@ static void system_probe_create(ch_call_t *call)
 }
 
 static const ch_route_t routes[] = {
-    {"GET", "/v1/system/info", CH_PUBLIC, NULL, &cityhall__system__v1__info_response__descriptor, system_info, 0},
-    {"GET", "/v1/system/ping", CH_PUBLIC, NULL, &cityhall__system__v1__ping_response__descriptor, system_ping, 0},
-    {"POST", "/v1/system/echo", CH_PUBLIC, &cityhall__system__v1__echo_request__descriptor,
+    {"GET", "/v1/system/info", CH_PUBLIC, CH_OWN_NONE, NULL, &cityhall__system__v1__info_response__descriptor,
+     system_info, 0},
+    {"GET", "/v1/system/ping", CH_PUBLIC, CH_OWN_NONE, NULL, &cityhall__system__v1__ping_response__descriptor,
+     system_ping, 0},
+    {"POST", "/v1/system/echo", CH_PUBLIC, CH_OWN_NONE, &cityhall__system__v1__echo_request__descriptor,
      &cityhall__system__v1__echo_response__descriptor, system_echo, 0},
-    {"POST", "/v1/system/probes", CH_PUBLIC, &cityhall__system__v1__create_probe_request__descriptor,
+    /* probes write rows: operators only */
+    {"POST", "/v1/system/probes", CH_ROLE_ADMIN, CH_OWN_NONE, &cityhall__system__v1__create_probe_request__descriptor,
      &cityhall__system__v1__probe__descriptor, system_probe_create, CH_ROUTE_IDEMPOTENT},
 };
 

@@ -657,6 +657,9 @@ def test_redis_then_postgresql_down_held_codes_keep_showing_others_get_503(clust
 def test_held_codes_survive_redis_returning_while_postgresql_is_still_down(cluster):
     """Redis back means invalidations may have been missed: held codes are fetched again, but while PostgreSQL
     cannot be reached they stay what the gateway holds (as during the outage) rather than becoming 503s."""
+    # the previous test restarted both: every thread reconnected (new connections land on both threads)
+    wait_for(lambda: all(cluster.gateway.request("/readyz").status == 200 for _ in range(8)), timeout=15,
+             what="every gateway thread connected to PostgreSQL and Redis again")
     held = citizen(cluster)
     token = code_of(cluster, held)["token"]
     for _ in range(16):  # new connections land on both threads: both hold it

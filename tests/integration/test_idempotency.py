@@ -1,6 +1,6 @@
-"""Idempotency-Key on a creating route (POST /v1/system/probes), against real PostgreSQL: the key
-is claimed in the write's own transaction, so a retry replays the first answer and never writes
-twice, whatever the encoding, and a concurrent duplicate loses cleanly."""
+"""Idempotency-Key on a creating route (POST /v1/system/probes, admin only), against real PostgreSQL:
+the key is claimed in the write's own transaction, so a retry replays the first answer and never
+writes twice, whatever the encoding, and a concurrent duplicate loses cleanly."""
 
 import harness
 from harness import curl_async, pb_decode, pb_encode
@@ -9,7 +9,9 @@ PB = "application/x-protobuf"
 
 
 def probe(gw, key=None, note="after deploy", http="h2c", **kw):
-    headers = {"Idempotency-Key": key} if key is not None else {}
+    headers = {"Authorization": f"Bearer {harness.admin_token(gw)}"}
+    if key is not None:
+        headers["Idempotency-Key"] = key
     headers.update(kw.pop("headers", {}))
     return gw.request("/v1/system/probes", method="POST", http=http, json={"note": note}, headers=headers, **kw)
 
@@ -55,7 +57,8 @@ def test_the_same_request_in_protobuf_replays_the_json_one(cluster):
     first = probe(cluster.gateway, key="retry-3", note="enc")
     assert first.status == 201, first
     r = cluster.gateway.request("/v1/system/probes", method="POST", data=pb_encode({1: "enc"}),
-                                headers={"Content-Type": PB, "Accept": PB, "Idempotency-Key": "retry-3"})
+                                headers={"Content-Type": PB, "Accept": PB, "Idempotency-Key": "retry-3",
+                                         "Authorization": f"Bearer {harness.admin_token(cluster.gateway)}"})
     assert r.status == 201 and r.headers["content-type"] == PB, r
     msg = pb_decode(r.body)
     assert msg[1] == [first.json()["probe_id"].encode()], msg
@@ -63,8 +66,9 @@ def test_the_same_request_in_protobuf_replays_the_json_one(cluster):
 
 
 def test_concurrent_requests_with_one_key_write_once_and_agree(cluster):
+    auth = f"Bearer {harness.admin_token(cluster.gateway)}"
     calls = [curl_async(cluster.gateway.url("/v1/system/probes"), method="POST", json={"note": "race"},
-                        headers={"Idempotency-Key": "race-key"}) for _ in range(12)]
+                        headers={"Idempotency-Key": "race-key", "Authorization": auth}) for _ in range(12)]
     answers = [c.wait() for c in calls]
     ids = {a.json()["probe_id"] for a in answers if a.status == 201}
     others = [a for a in answers if a.status != 201]
@@ -74,7 +78,7 @@ def test_concurrent_requests_with_one_key_write_once_and_agree(cluster):
 
 
 def test_keys_are_scoped_so_another_scope_does_not_replay(cluster):
-    # public routes share the "public" scope; the key is bound to the route and body by its hash
+    # the key is scoped to the caller and bound to the route and body by its hash
     assert probe(cluster.gateway, key="k-scope", note="scope-a").status == 201
     r = cluster.gateway.request("/v1/system/echo", method="POST", json={"text": "x"},
                                 headers={"Idempotency-Key": "k-scope"})
@@ -88,6 +92,7 @@ def test_a_malformed_key_is_400_and_writes_nothing(cluster):
 
 
 def test_postgres_down_answers_503_and_a_retry_after_recovery_writes_once(cluster):
+    harness.admin_token(cluster.gateway)  # logged in while PostgreSQL is up
     cluster.pg.stop("immediate")
     try:
         r = probe(cluster.gateway, key="outage-1", note="outage")

@@ -6,17 +6,17 @@
 static void h(ch_call_t *call) {}
 
 static const ch_route_t routes[] = {
-    {"GET", "/v1/me", CH_ROLE_CITIZEN, NULL, NULL, h, 0},
-    {"GET", "/v1/me/sessions", CH_ROLE_CITIZEN, NULL, NULL, h, 0},
-    {"DELETE", "/v1/me/sessions/{id}", CH_ROLE_CITIZEN, NULL, NULL, h, 0},
-    {"GET", "/v1/onething/bundles/{code}/form", CH_ROLE_CITIZEN, NULL, NULL, h, 0},
-    {"POST", "/v1/departments/{dept}/callbacks", CH_ROLE_DEPT, NULL, NULL, h, 0},
-    {"GET", "/v1/health/code.png", CH_ROLE_CITIZEN, NULL, NULL, h, 0},
-    {"GET", "/v1/health/code", CH_ROLE_CITIZEN, NULL, NULL, h, 0},
-    {"POST", "/v1/venues/{id}/checkins", CH_ROLE_CITIZEN, NULL, NULL, h, 0},
-    {"GET", "/v1/venues/special/checkins", CH_ROLE_CITIZEN, NULL, NULL, h, 0},
-    {"GET", "/v1/a/{x}/b/{y}", CH_PUBLIC, NULL, NULL, h, 0},
-    {"GET", "/", CH_PUBLIC, NULL, NULL, h, 0},
+    {"GET", "/v1/me", CH_ROLE_CITIZEN, CH_OWN_SELF, NULL, NULL, h, 0},
+    {"GET", "/v1/me/sessions", CH_ROLE_CITIZEN, CH_OWN_SELF, NULL, NULL, h, 0},
+    {"DELETE", "/v1/me/sessions/{id}", CH_ROLE_CITIZEN, CH_OWN_CITIZEN, NULL, NULL, h, 0},
+    {"GET", "/v1/onething/bundles/{code}/form", CH_ROLE_CITIZEN, CH_OWN_NONE, NULL, NULL, h, 0},
+    {"POST", "/v1/departments/{dept}/callbacks", CH_ROLE_DEPT, CH_OWN_NONE, NULL, NULL, h, 0},
+    {"GET", "/v1/health/code.png", CH_ROLE_CITIZEN, CH_OWN_NONE, NULL, NULL, h, 0},
+    {"GET", "/v1/health/code", CH_ROLE_CITIZEN, CH_OWN_NONE, NULL, NULL, h, 0},
+    {"POST", "/v1/venues/{id}/checkins", CH_ROLE_CITIZEN, CH_OWN_NONE, NULL, NULL, h, 0},
+    {"GET", "/v1/venues/special/checkins", CH_ROLE_CITIZEN, CH_OWN_NONE, NULL, NULL, h, 0},
+    {"GET", "/v1/a/{x}/b/{y}", CH_PUBLIC, CH_OWN_NONE, NULL, NULL, h, 0},
+    {"GET", "/", CH_PUBLIC, CH_OWN_NONE, NULL, NULL, h, 0},
 };
 
 static int match(ch_router_t *r, const char *method, const char *path, ch_match_t *m, char *allow, size_t allow_len)
@@ -77,22 +77,30 @@ int main(void)
     tap_ok(match(r, "HEAD", "/v1/me", &m, NULL, 0) == CH_MATCH_FOUND && m.route == &routes[0],
            "HEAD is served by the GET route");
 
-    ch_route_t dup = {"GET", "/v1/me", CH_PUBLIC, NULL, NULL, h, 0};
+    ch_route_t dup = {"GET", "/v1/me", CH_PUBLIC, CH_OWN_NONE, NULL, NULL, h, 0};
     tap_ok(ch_router_add(r, &dup, err, sizeof(err)) != 0 && strstr(err, "duplicate") != NULL,
            "a duplicate route is refused with a message naming it");
-    ch_route_t dup_param = {"DELETE", "/v1/me/sessions/{session}", CH_PUBLIC, NULL, NULL, h, 0};
+    ch_route_t dup_param = {"DELETE", "/v1/me/sessions/{session}", CH_PUBLIC, CH_OWN_NONE, NULL, NULL, h, 0};
     tap_ok(ch_router_add(r, &dup_param, err, sizeof(err)) != 0,
            "a route differing only in its parameter name is a duplicate");
-    ch_route_t bad1 = {"GET", "/v1/x/{a", CH_PUBLIC, NULL, NULL, h, 0};
+    ch_route_t bad1 = {"GET", "/v1/x/{a", CH_PUBLIC, CH_OWN_NONE, NULL, NULL, h, 0};
     tap_ok(ch_router_add(r, &bad1, err, sizeof(err)) != 0, "an unclosed parameter is refused");
-    ch_route_t bad2 = {"GET", "v1/x", CH_PUBLIC, NULL, NULL, h, 0};
+    ch_route_t bad2 = {"GET", "v1/x", CH_PUBLIC, CH_OWN_NONE, NULL, NULL, h, 0};
     tap_ok(ch_router_add(r, &bad2, err, sizeof(err)) != 0, "a path without a leading slash is refused");
-    ch_route_t bad3 = {"GET", "/v1/x/", CH_PUBLIC, NULL, NULL, h, 0};
+    ch_route_t bad3 = {"GET", "/v1/x/", CH_PUBLIC, CH_OWN_NONE, NULL, NULL, h, 0};
     tap_ok(ch_router_add(r, &bad3, err, sizeof(err)) != 0, "a trailing slash in a pattern is refused");
-    ch_route_t bad4 = {"GET", "/v1/x{a}", CH_PUBLIC, NULL, NULL, h, 0};
+    ch_route_t bad4 = {"GET", "/v1/x{a}", CH_PUBLIC, CH_OWN_NONE, NULL, NULL, h, 0};
     tap_ok(ch_router_add(r, &bad4, err, sizeof(err)) != 0, "a parameter inside a literal segment is refused");
-    ch_route_t nohandler = {"GET", "/v1/y", CH_PUBLIC, NULL, NULL, NULL, 0};
+    ch_route_t nohandler = {"GET", "/v1/y", CH_PUBLIC, CH_OWN_NONE, NULL, NULL, NULL, 0};
     tap_ok(ch_router_add(r, &nohandler, err, sizeof(err)) != 0, "a route without a handler is refused");
+    ch_route_t undeclared = {"GET", "/v1/z", CH_ROLE_CITIZEN, CH_OWN_UNDECLARED, NULL, NULL, h, 0};
+    tap_ok(ch_router_add(r, &undeclared, err, sizeof(err)) != 0 && strstr(err, "ownership policy") != NULL,
+           "a route without an ownership policy is refused with a message naming it");
+    ch_route_t public_self = {"GET", "/v1/z", CH_PUBLIC, CH_OWN_SELF, NULL, NULL, h, 0};
+    tap_ok(ch_router_add(r, &public_self, err, sizeof(err)) != 0, "a public route owning the caller's data is refused");
+    ch_route_t citizen_noparam = {"GET", "/v1/z", CH_ROLE_CITIZEN, CH_OWN_CITIZEN, NULL, NULL, h, 0};
+    tap_ok(ch_router_add(r, &citizen_noparam, err, sizeof(err)) != 0,
+           "a citizen-owned resource route without a path parameter is refused");
     tap_ok(ch_router_count(r) == sizeof(routes) / sizeof(routes[0]), "refused routes are not counted");
     ch_router_free(r);
     return tap_done();

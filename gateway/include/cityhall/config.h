@@ -6,7 +6,8 @@
 
 typedef struct ch_config {
     unsigned threads;
-    char listen[64];          /* address of both listeners */
+    char listen[64];          /* address of the TLS listener */
+    char http_listen[64];     /* address of the cleartext listener: internal traffic, loopback unless set */
     int https_port;           /* 0: no TLS listener */
     int http_port;            /* 0: no cleartext listener (h2c prior knowledge + HTTP/1.1) */
     char tls_cert[512];
@@ -25,6 +26,12 @@ typedef struct ch_config {
     unsigned http2_max_concurrent; /* streams handled at once per connection */
     unsigned idle_timeout_ms;
     unsigned workers;         /* threads for CPU-heavy work (password hashing) */
+
+    /* connection limits (conns.c); idle_timeout_ms also ends connections on which no byte moves */
+    unsigned request_timeout_ms;          /* to receive a whole request; HTTP/1 keep-alive idle time */
+    unsigned max_connections;             /* open per thread; newer ones are closed at accept */
+    unsigned max_connections_per_ip;      /* open per client address over all threads; 0: no cap */
+    unsigned max_requests_per_connection; /* HTTP/2 streams before GOAWAY; 0: no budget */
 } ch_config_t;
 
 /** The running server's configuration (valid in handlers and module init). */

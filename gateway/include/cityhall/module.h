@@ -22,6 +22,29 @@ enum {
 };
 
 /**
+ * Whose data a route acts on, declared by every route next to its roles: the authorization matrix
+ * (tests/integration/test_authz_matrix.py) calls each route as each kind of caller and checks the answers
+ * against it. 0 is "undeclared": the gateway refuses to start with such a route.
+ */
+typedef enum ch_own {
+    CH_OWN_UNDECLARED = 0,
+    /** No per-resource check: the route is public, or holding one of its roles is enough. */
+    CH_OWN_NONE,
+    /** The caller's own data, with no resource id in the path (/v1/me/..., the caller's session). */
+    CH_OWN_SELF,
+    /** A path parameter names one citizen's resource: anyone else gets the same 404 as for an unknown id. */
+    CH_OWN_CITIZEN,
+    /**
+     * Resources of one department (the token's `dept`): another department's caller gets 404 for a resource,
+     * sees none of them in a list, and 403 for a write that only the owning department makes.
+     */
+    CH_OWN_DEPARTMENT,
+} ch_own_t;
+
+/** "none", "self", "citizen", "department", or "undeclared". */
+const char *ch_own_name(ch_own_t own);
+
+/**
  * One row of a service's route table. `path` is matched segment by segment; a segment written
  * `{name}` captures one segment (read it with ch_call_param). A literal segment may end in a
  * literal suffix after a parameter, e.g. "/v1/health/code.png" is simply literal.
@@ -30,6 +53,7 @@ typedef struct ch_route {
     const char *method;
     const char *path;
     unsigned roles;                                /* CH_PUBLIC or a mask of CH_ROLE_* */
+    ch_own_t own;                                  /* whose data it acts on; never CH_OWN_UNDECLARED */
     const ProtobufCMessageDescriptor *request;     /* NULL: the route takes no body */
     const ProtobufCMessageDescriptor *response;    /* NULL with status 204, or CH_ROUTE_RAW */
     ch_handler_fn handler;

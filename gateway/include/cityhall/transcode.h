@@ -24,6 +24,10 @@ typedef struct ch_transcode_error {
 
 /** Nesting deeper than this (objects and arrays together) is refused. */
 #define CH_TRANSCODE_MAX_DEPTH 32
+/** A request's repeated fields hold at most this many elements (the largest batch a route takes). */
+#define CH_TRANSCODE_MAX_ELEMENTS 10000
+/** A request's string fields hold at most this many bytes. */
+#define CH_TRANSCODE_MAX_STRING 65536
 
 /**
  * Parses `len` bytes of JSON into a new message of type `desc`, allocated from `alloc` (pass a pool
@@ -50,6 +54,13 @@ ProtobufCMessage *ch_json_to_pb(const ProtobufCMessageDescriptor *desc, const ch
  * (numbers when the value has no name), bytes are standard base64, Timestamps are RFC 3339 in UTC.
  */
 void ch_pb_to_json(const ProtobufCMessage *msg, ch_buf_t *out);
+
+/**
+ * Checks a decoded request message (from either encoding) for what protobuf-c does not: every string field is
+ * valid UTF-8 of at most CH_TRANSCODE_MAX_STRING bytes and no repeated field has more than
+ * CH_TRANSCODE_MAX_ELEMENTS elements. Returns 0, or -1 with `err` (may be NULL) naming the first field refused.
+ */
+int ch_pb_check_limits(const ProtobufCMessage *msg, ch_transcode_error_t *err);
 
 /** A ProtobufCAllocator that allocates from a caller-owned arena and never frees (see ch_arena_*). */
 typedef struct ch_arena ch_arena_t;
