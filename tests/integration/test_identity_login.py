@@ -673,9 +673,11 @@ def test_redis_down_sms_code_and_login_answer_503_never_skipping_limits(cluster)
         assert len(outbox(cluster)) == n
     finally:
         cluster.redis.start()
-    # the gateway reconnects on its own, and AOF brought the code back
+    # the gateway reconnects on its own, and AOF brought the code back (a 503 while a loop is still reconnecting
+    # says "retry shortly" and leaves the code in place: the client retries)
     wait_for(lambda: all_loops_connected(cluster), timeout=15, what="every loop back on Redis")
-    r = login_req(cluster, phone, code)
+    r = wait_for(lambda: (lambda r: r if r.status != 503 else None)(login_req(cluster, phone, code)), timeout=10,
+                 what="a login answered other than 503")
     assert r.status == 200, r
 
 
