@@ -53,6 +53,7 @@ import base64
 import ctypes
 import hashlib
 import hmac
+import uuid
 import json as _json
 import os
 import pwd
@@ -1066,6 +1067,22 @@ def sms_lift_limits(gw, phone):
     keys += [k for k in gw.redis.cli("--scan", "--pattern", f"id:{{{phone_hash}}}:*").split() if k]
     if keys:
         gw.redis.cli("DEL", *keys)
+
+
+def id_hmac(gw, number):
+    """The registry's look-up hash of an ID number (HMAC-SHA-256 under the data key's MAC half), as hex."""
+    with open(os.path.join(gw.env["CITYHALL_VAR"], "keys", "data.key")) as f:
+        mac_key = bytes.fromhex(f.read().strip())[32:64]
+    return hmac.new(mac_key, b"id\0" + number.encode(), hashlib.sha256).hexdigest()
+
+
+def same_household(gw, citizen_id, *id_numbers):
+    """Registers the citizen's own resident and the residents with these ID numbers in one new household (户号):
+    the family link a dependent needs."""
+    hashes = ",".join(f"decode('{id_hmac(gw, n)}', 'hex')" for n in id_numbers)
+    gw.pg.psql(f"UPDATE registry_residents SET household_id = 'T-{uuid.uuid4().hex[:16]}' "
+               f"WHERE resident_id = (SELECT registry_id FROM citizens WHERE citizen_id = '{citizen_id}') "
+               f"OR id_hmac IN ({hashes})")
 
 
 def sms_login(gw, phone=None):

@@ -78,9 +78,12 @@ static const ch_pg_stmt_t stmt_dependents = {
 /*
  * Everything the dependent rules need, read in one statement: the guardian's real name and birth date, the
  * matched resident (ID hash and exact name), whether the resident is under 14 today by China's calendar (the
- * database clock, in Asia/Shanghai), the relative ages, how many dependents the guardian has, and whether this
- * one is among them. $1 guardian citizen_id, $2 id_hmac, $3 name.
- * Columns: guardian registry_id, resident_id, id_masked, name, under 14, older than guardian, count, already.
+ * database clock, in Asia/Shanghai), the relative ages, how many dependents the guardian has, whether this
+ * one is among them, and whether the two are family by the government's own records: one household (户号) in the
+ * population registry, or mother/father and child on a birth medical certificate. Knowing a person's ID number
+ * and name is not enough to see their health code. $1 guardian citizen_id, $2 id_hmac, $3 name.
+ * Columns: guardian registry_id, resident_id, id_masked, name, under 14, older than guardian, younger than
+ * guardian, count, already, family.
  */
 static const ch_pg_stmt_t stmt_dependent_check = {
     "identity_dependent_check",
@@ -88,7 +91,12 @@ static const ch_pg_stmt_t stmt_dependent_check = {
     "       coalesce(r.birth_date + interval '14 years' > (now() AT TIME ZONE 'Asia/Shanghai')::date, false), "
     "       coalesce(r.birth_date < gr.birth_date, false), coalesce(r.birth_date > gr.birth_date, false), "
     "       (SELECT count(*) FROM dependents WHERE guardian_id = $1::uuid), "
-    "       EXISTS (SELECT 1 FROM dependents WHERE guardian_id = $1::uuid AND resident_id = r.resident_id) "
+    "       EXISTS (SELECT 1 FROM dependents WHERE guardian_id = $1::uuid AND resident_id = r.resident_id), "
+    "       coalesce(gr.household_id = r.household_id, false) "
+    "       OR EXISTS (SELECT 1 FROM birth_records b WHERE b.child_id_hmac = r.id_hmac "
+    "                  AND gr.id_hmac IN (b.mother_id_hmac, b.father_id_hmac)) "
+    "       OR EXISTS (SELECT 1 FROM birth_records b WHERE b.child_id_hmac = gr.id_hmac "
+    "                  AND r.id_hmac IN (b.mother_id_hmac, b.father_id_hmac)) "
     "FROM citizens g LEFT JOIN registry_residents gr ON gr.resident_id = g.registry_id "
     "LEFT JOIN registry_residents r ON r.id_hmac = $2::bytea AND r.name = $3 "
     "WHERE g.citizen_id = $1::uuid",
@@ -472,6 +480,13 @@ static void on_dependent_checked(ch_call_t *call, ch_pg_result_t *r)
     }
     if (!child && !value_true(res, 0, 5)) {
         ch_fail(call, CH_CODE_FAILED_PRECONDITION, "a parent dependent must be older than you");
+        return;
+    }
+    if (!value_true(res, 0, 9)) {
+        ch_fail(call, CH_CODE_FAILED_PRECONDITION,
+                "a dependent must share your household in the population registry or be your %s on a birth "
+                "medical certificate; otherwise ask at a service hall",
+                child ? "child" : "parent");
         return;
     }
 

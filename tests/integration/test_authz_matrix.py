@@ -104,7 +104,10 @@ class World:
         self.a, self.b, self.child, self.child2, self.other = (
             new_person(40, "M"), new_person(35), new_person(6), new_person(5), new_person(50))
         lines = ["id_number,name,sex,birth_date,region,address,household_id,phone"]
-        lines += [f"{p['id']},{p['name']},{p['sex']},{p['born']:%Y-%m-%d},{REGION},北京市朝阳区测试路1号,,"
+        family = (self.a, self.child, self.child2)  # one household: A's children may be A's dependents
+        household = f"AUTHZ-{uuid.uuid4().hex[:12]}"
+        lines += [f"{p['id']},{p['name']},{p['sex']},{p['born']:%Y-%m-%d},{REGION},北京市朝阳区测试路1号,"
+                  f"{household if any(p is q for q in family) else ''},"
                   for p in (self.a, self.b, self.child, self.child2, self.other)]
         path = os.path.join(self.c.tmpdir, "authz-registry.csv")
         with open(path, "w", encoding="utf-8") as f:

@@ -457,6 +457,7 @@ def test_a_staff_member_acting_for_the_citizen_is_written_to_the_access_log(clus
 def test_a_citizen_cannot_read_another_citizens_code_only_a_dependents(cluster):
     a, b = citizen(cluster, datetime.date(1990, 5, 1)), citizen(cluster)
     parent = residents(cluster, person(datetime.date(1955, 3, 1)))[0]
+    harness.same_household(cluster.gateway, a["citizen_id"], parent["id"])
     r = post(cluster, a, "/v1/me/dependents", {"id_number": parent["id"], "name": parent["name"], "relation": "parent"})
     assert r.status == 201, r
     r = get(cluster, a, f"/v1/me/dependents/{parent['resident_id']}/health-code")

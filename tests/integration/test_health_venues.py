@@ -340,6 +340,7 @@ def test_checkin_answers_with_the_current_code_after_the_row_is_committed(cluste
 def test_checkin_for_a_dependent_records_the_dependent_and_answers_with_their_code(cluster):
     parent, child = import_residents(cluster, person(40), person(8))
     who = citizen(cluster, parent)
+    harness.same_household(cluster.gateway, who["citizen_id"], child["id"])
     r = call(cluster, who, "/v1/me/dependents", "POST", {"id_number": child["id"], "name": child["name"],
                                                           "relation": "child"})
     assert r.status in (200, 201), r

@@ -180,7 +180,10 @@ def bind(cluster, who, id_number, name, **kw):
     return call(cluster, who, "/v1/me/real-name", "POST", {"id_number": id_number, "name": name}, **kw)
 
 
-def add_dependent(cluster, who, p, relation, key=None, name=None):
+def add_dependent(cluster, who, p, relation, key=None, name=None, family=True):
+    """Adds `p` as who's dependent; `family`: first registers both in one household (the family link it needs)."""
+    if family:
+        harness.same_household(cluster.gateway, who["citizen_id"], p["id"])
     headers = {"Idempotency-Key": key} if key else None
     return call(cluster, who, "/v1/me/dependents", "POST",
                 {"id_number": p["id"], "name": name or p["name"], "relation": relation}, headers=headers)
@@ -581,6 +584,28 @@ def test_dependent_rules_for_the_guardian_and_the_registry_match(cluster):
                  "wrong check character")
     assert cluster.pg.psql(f"SELECT count(*) FROM dependents WHERE guardian_id IN "
                            f"('{who['citizen_id']}', '{unverified['citizen_id']}')") == "0"
+
+
+def test_a_dependent_needs_a_family_link_in_the_governments_records(cluster):
+    """Knowing a child's ID number and name is not enough: one household in the registry, or a birth medical
+    certificate naming the guardian as mother or father (or, for a parent, naming the guardian as the child)."""
+    who, me = verified(cluster, 36, "F")
+    kid, stranger, old = person(5), person(7), person(70)
+    residents(cluster, kid, stranger, old)
+    assert_error(add_dependent(cluster, who, stranger, "child", family=False), 422, "FAILED_PRECONDITION",
+                 "household")
+    assert_error(add_dependent(cluster, who, old, "parent", family=False), 422, "FAILED_PRECONDITION", "household")
+    assert cluster.pg.psql(f"SELECT count(*) FROM dependents WHERE guardian_id = '{who['citizen_id']}'") == "0"
+    # the hospital's birth record of the child names her as the mother
+    gw = cluster.gateway
+    cluster.pg.psql("INSERT INTO birth_records (cert_no, child_name, child_sex, child_birth_date, hospital, "
+                    "mother_id_hmac, child_id_hmac) VALUES "
+                    f"('Q{random.randint(10**8, 10**9 - 1)}', '{kid['name']}', '{kid['sex']}', "
+                    f"'{kid['birth']:%Y-%m-%d}', '广州市妇女儿童医疗中心', "
+                    f"decode('{harness.id_hmac(gw, me['id'])}', 'hex'), decode('{harness.id_hmac(gw, kid['id'])}', 'hex'))")
+    assert add_dependent(cluster, who, kid, "child", family=False).status == 201
+    # one household in the registry
+    assert add_dependent(cluster, who, old, "parent").status == 201
 
 
 def test_a_dependent_retry_with_the_same_key_replays_and_another_body_is_422(cluster):

@@ -231,6 +231,7 @@ def run_flows(cluster):
     m = sms_login(cluster, mother["phone"])
     tok = m["access_token"]
     call(cluster, tok, "/v1/me/real-name", "POST", {"id_number": mother["id"], "name": mother["name"]}, expect=200)
+    harness.same_household(cluster.gateway, m["citizen_id"], kid["id"])
     dep = call(cluster, tok, "/v1/me/dependents", "POST", {"id_number": kid["id"], "name": kid["name"],
                                                            "relation": "child"}, expect=201).json()
     call(cluster, tok, "/v1/me/dependents", expect=200)
