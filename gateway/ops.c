@@ -56,6 +56,12 @@ static void readyz(ch_call_t *call)
 
 static void metrics(ch_call_t *call)
 {
+    /* for the operator's scraper on the internal (cleartext, loopback by default) listener; the public TLS
+       listener answers as for a path it does not have (ops/haproxy denies it at the edge) */
+    if (ch_call_req(call)->scheme == &H2O_URL_SCHEME_HTTPS) {
+        ch_fail(call, CH_CODE_NOT_FOUND, "no such route");
+        return;
+    }
     ch_metrics_t *shards[64];
     unsigned n = ch_server.nthreads < 64 ? ch_server.nthreads : 64;
     for (unsigned i = 0; i < n; ++i)

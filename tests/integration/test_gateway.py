@@ -345,6 +345,10 @@ def test_metrics_are_prometheus_text_with_route_and_status_labels(cluster):
         assert gw.request("/v1/system/ping", http="h1").status == 200
     after = ping_count(parse_metrics(gw.request("/metrics").text))
     assert after >= before + 3, f"ping counter went from {before} to {after} after 3 more pings"
+    # only on the internal listener: the public TLS one answers as for a path it does not have
+    public = gw.request("/metrics", http="h2")
+    unknown = gw.request("/no-such-path", http="h2")
+    assert public.status == 404 and public.json()["error"]["message"] == unknown.json()["error"]["message"], public
 
 
 def test_access_log_has_request_id_route_status_duration_and_bytes(cluster):
