@@ -38,9 +38,10 @@ typedef Google__Protobuf__Timestamp Timestamp;
 /*
  * Group commit of check-ins, per loop thread. A check-in is queued once its answer is ready; what is queued goes to
  * PostgreSQL as one multi-row INSERT (one transaction, one WAL flush for all its rows):
- *  - at the end of the loop iteration in which it arrived, when fewer batches are in flight than the thread's pool
- *    has connections (pg_conns): each connection commits one batch at a time;
- *  - else as soon as a batch commits (everything that arrived meanwhile is the next batch);
+ *  - at the end of the loop iteration in which it arrived, when none of the thread's batches is in flight;
+ *  - else as soon as the batch in flight commits (everything that arrived meanwhile is the next batch: one batch at
+ *    a time makes batches as large as the load allows, and fewer transactions cost PostgreSQL less CPU per row,
+ *    ~11 % per check-in measured at 32 clients against one batch per pool connection);
  *  - else CHECKIN_WINDOW_MS after the first waiting row, whatever is in flight (pipelined behind a batch, up to
  *    CHECKIN_INFLIGHT_PER_CONN batches per connection): the bound on how long a row waits for a free connection;
  *  - at once when CHECKIN_BATCH_MAX rows wait.
@@ -498,7 +499,7 @@ typedef struct batcher {
     checkin_t *queue[CHECKIN_QUEUE_MAX]; /* ring */
     unsigned head, len;
     unsigned inflight;
-    unsigned soft, hard; /* batches in flight: one per connection of the pool, and the window's bound */
+    unsigned soft, hard; /* batches in flight: one when a row arrives or a batch commits; the window's bound */
     h2o_timeout_t defer_timeout, window_timeout;
     h2o_timeout_entry_t defer_entry, window_entry;
 } batcher_t;
@@ -676,8 +677,8 @@ static batcher_t *batcher_get(ch_call_t *call)
     if (b == NULL)
         abort();
     b->loop = ch_call_req(call)->conn->ctx->loop;
-    b->soft = ch_config()->pg_conns > 0 ? ch_config()->pg_conns : 1;
-    b->hard = b->soft * CHECKIN_INFLIGHT_PER_CONN;
+    b->soft = 1;
+    b->hard = (ch_config()->pg_conns > 0 ? ch_config()->pg_conns : 1) * CHECKIN_INFLIGHT_PER_CONN;
     h2o_timeout_init(b->loop, &b->defer_timeout, 0);
     h2o_timeout_init(b->loop, &b->window_timeout, CHECKIN_WINDOW_MS);
     b->defer_entry.cb = on_batch_defer;
