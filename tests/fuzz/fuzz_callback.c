@@ -71,21 +71,6 @@ static void raw(fz_input_t *in, long long now)
     free(header);
 }
 
-static void edit(ch_buf_t *b, unsigned op, unsigned pos, unsigned byte)
-{
-    pos = b->len != 0 ? pos % (b->len + (op % 3 == 1)) : 0;
-    if (op % 3 == 0 && pos < b->len) {
-        b->base[pos] = (char)byte;
-    } else if (op % 3 == 1) {
-        ch_buf_append(b, "", 1);
-        memmove(b->base + pos + 1, b->base + pos, b->len - 1 - pos);
-        b->base[pos] = (char)byte;
-    } else if (pos < b->len) {
-        memmove(b->base + pos, b->base + pos + 1, b->len - pos - 1);
-        b->base[--b->len] = '\0';
-    }
-}
-
 static void signed_then_edited(fz_input_t *in, long long now)
 {
     long long t0 = now + (long long)(int8_t)fz_byte(in) * 3; /* -384 .. +381 s: both edges of the window */
@@ -111,7 +96,7 @@ static void signed_then_edited(fz_input_t *in, long long now)
     ch_buf_append(&b, bp, blen);
     while (in->n >= 5) {
         unsigned op = fz_byte(in), pos = fz_byte(in) | fz_byte(in) << 8, byte = fz_byte(in);
-        edit(fz_byte(in) & 1 ? &b : &h, op, pos, byte);
+        fz_edit(fz_byte(in) & 1 ? &b : &h, op, pos, byte);
     }
     char *header = strndup(h.base, h.len); /* a header value ends at its first NUL for the gateway too */
     if (accepted(default_secret, sizeof(default_secret) - 1, header, b.base, b.len, now, &t, v1)) {

@@ -111,17 +111,7 @@ static void edited(fz_input_t *in)
     ch_buf_append(&m, t.base, t.len);
     while (in->n >= 4) {
         unsigned op = fz_byte(in), pos = fz_byte(in) | fz_byte(in) << 8, b = fz_byte(in);
-        pos = m.len != 0 ? pos % (m.len + (op % 3 == 1)) : 0;
-        if (op % 3 == 0 && pos < m.len) {
-            m.base[pos] = (char)b;
-        } else if (op % 3 == 1) {
-            ch_buf_append(&m, "", 1);
-            memmove(m.base + pos + 1, m.base + pos, m.len - 1 - pos);
-            m.base[pos] = (char)b;
-        } else if (pos < m.len) {
-            memmove(m.base + pos, m.base + pos + 1, m.len - pos - 1);
-            --m.len;
-        }
+        fz_edit(&m, op, pos, b);
     }
     int same = m.len == t.len && memcmp(m.base, t.base, t.len) == 0;
     if (verify(m.base, m.len) != same)

@@ -219,6 +219,21 @@ unsigned fz_byte(fz_input_t *in)
     return *in->p++;
 }
 
+void fz_edit(ch_buf_t *b, unsigned op, unsigned pos, unsigned byte)
+{
+    pos = b->len != 0 ? pos % (b->len + (op % 3 == 1)) : 0;
+    if (op % 3 == 0 && pos < b->len) {
+        b->base[pos] = (char)byte;
+    } else if (op % 3 == 1) {
+        ch_buf_append(b, "", 1);
+        memmove(b->base + pos + 1, b->base + pos, b->len - 1 - pos);
+        b->base[pos] = (char)byte;
+    } else if (pos < b->len) {
+        memmove(b->base + pos, b->base + pos + 1, b->len - pos - 1);
+        b->base[--b->len] = '\0';
+    }
+}
+
 void fz_part(fz_input_t *in, uint8_t sep, const uint8_t **part, size_t *len)
 {
     const uint8_t *end = memchr(in->p, sep, in->n);
