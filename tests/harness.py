@@ -12,7 +12,7 @@ The API (kept small and stable):
     Postgres(tmpdir)                        initdb'd cluster in tmpdir/pg, started on a free port
         .port .conninfo .pid .psql(sql) .stop(mode) .start() .pause() .resume() .running
     Redis(tmpdir)                           redis-server with AOF in tmpdir/redis, on a free port
-        .port .pid .cli(*args) .ping() .stop() .kill() .start() .pause() .resume() .running
+        .port .pid .cli(*args) .ping() .dump() .stop() .kill() .start() .pause() .resume() .running
     Gateway(tmpdir, pg, redis, threads=2, env=None)
                                             build/cityhall serve, configured by environment only
         .http_port .https_port .pid .env .url(path, tls) .request(path, ...) .run(*args)
@@ -26,17 +26,39 @@ The API (kept small and stable):
     Response: .status .headers (dict, lower-case names) .body (bytes) .http_version .json() .text
     CurlError: curl failed without an HTTP response (.rc is curl's exit code, 7 = refused)
     pb_encode(fields) / pb_decode(data) / pb_int64(u) / Fixed32 / Fixed64: protobuf wire format
-    totp(secret_b32, step=0) -> str         RFC 6238 code (HMAC-SHA1, 30 s, 6 digits) for staff logins
-    staff_add(gw, dept, hall, roles) -> dict
-                                            `cityhall staff add`: {username, password, secret, staff_id, dept}
-    staff_token(gw, dept, roles, step) -> dict
+    totp(secret_b32, step=0, at=None) -> str
+                                            RFC 6238 code (HMAC-SHA1, 30 s, 6 digits) for staff logins
+    printed_fields(stdout) -> dict          the `name:  value` lines a cityhall command prints
+    staff_add(gw, dept, hall, roles, username) -> dict
+                                            `cityhall staff add`: {username, password, secret, staff_id, dept,
+                                            hall, out}
+    staff_token(gw, dept, hall, roles, step) -> dict
                                             a new staff account logged in: the above + token (+ login body)
     admin_token(gw) -> str                  an admin's access token (`staff add --roles admin`), one per gateway
-    client_token(gw, dept) -> dict          `cityhall client add` + POST /v1/auth/client-token: {client_id,
-                                            secret, token}
+    client_add(gw, dept) -> dict            `cityhall client add`: {client_id, secret, dept, out}
+    client_token(gw, dept) -> dict          the above + POST /v1/auth/client-token: + token, until
+    sms_codes(gw, phone) / wait_sms_code(gw, phone, before=0)
+                                            the phone's codes in the development SMS outbox / the next one
     sms_login(gw, phone) -> dict            a citizen's SMS login through the development outbox (the per-IP
-                                            and per-phone send limits lifted first): the TokenResponse + phone
+                                            and per-phone send limits lifted first): the TokenResponse + phone,
+                                            token
     sms_lift_limits(gw, phone)              deletes those limits' Redis keys
+    bind_real_name(gw, token, id_number, name)
+                                            POST /v1/me/real-name, asserting 200
+    data_key(gw) / keyed_hash(gw, domain, value) / id_hmac(gw, number)
+                                            the data key's halves; ch_pii_hmac as hex; its "id" domain
+    same_household(gw, citizen_id, *id_numbers)
+                                            one new household for the citizen's resident and these residents
+    assert_error(resp, status, code, message, hidden)
+                                            DESIGN's error shape (and no `hidden` string in the body)
+    id_check_char(first17) / new_id_number(region, birth, sex, used, check) / id_birth_date(number)
+                                            GB 11643 ID numbers for synthetic residents
+    new_phone(used) / new_name(length) / china_today() / years_before(d, years)
+    import_registry(gw, rows, header, check)
+                                            `cityhall import registry` of REGISTRY_HEADER + rows (CSV lines or
+                                            sequences of values)
+    resident_id(gw, number) -> int          registry_residents.resident_id of an ID number
+    shared(cluster, key, make)              make() once per cluster and key
     Skip: raise it in a test to report it as skipped (Gateway raises it when not built)
     ROOT, BUILD, gateway_binary(): the repository, the build dir ($CITYHALL_BUILD or build/),
                                    and build/cityhall in it
@@ -51,12 +73,14 @@ All waits are bounded. Set CITYHALL_TEST_KEEP=1 to keep temp folders for a post-
 import atexit
 import base64
 import ctypes
+import datetime
 import hashlib
 import hmac
 import uuid
 import json as _json
 import os
 import pwd
+import re
 import random
 import shutil
 import signal
@@ -547,6 +571,18 @@ class Redis:
             raise RuntimeError(f"redis-cli failed ({r.returncode}): {r.stderr.strip()}")
         return r.stdout.strip()
 
+    def dump(self):
+        """Every key and its value (string, hash, list, set or sorted set), as one text: for leak checks."""
+        keys = [k for k in self.cli("--scan").split() if k]
+        read = {"string": ("GET",), "hash": ("HGETALL",), "list": ("LRANGE", 0, -1), "set": ("SMEMBERS",),
+                "zset": ("ZRANGE", 0, -1)}
+        values = []
+        for key in keys:
+            cmd = read.get(self.cli("TYPE", key))
+            if cmd:
+                values.append(self.cli(cmd[0], key, *cmd[1:]))
+        return "\n".join(keys + values)
+
     def stop(self, timeout=15):
         """SIGTERM by PID (Redis flushes its AOF and exits); returns the exit code."""
         if not self.running:
@@ -992,32 +1028,32 @@ def curl(url, method="GET", http="h2c", headers=None, data=None, timeout=10, jso
 
 # --------------------------------------------------------------------------- callers: citizens, staff, clients
 
-def totp(secret_b32, step=0):
-    """RFC 6238 (HMAC-SHA1, 30 s steps, 6 digits); `step` moves from the current step."""
+def totp(secret_b32, step=0, at=None):
+    """RFC 6238 (HMAC-SHA1, 30 s steps, 6 digits) at time `at` (now by default), moved by `step` steps."""
     key = base64.b32decode(secret_b32 + "=" * (-len(secret_b32) % 8))
-    mac = hmac.new(key, struct.pack(">Q", int(time.time() // 30) + step), hashlib.sha1).digest()
+    counter = int((time.time() if at is None else at) // 30) + step
+    mac = hmac.new(key, struct.pack(">Q", counter), hashlib.sha1).digest()
     off = mac[-1] & 15
     return "%06d" % ((struct.unpack(">I", mac[off:off + 4])[0] & 0x7FFFFFFF) % 1000000)
 
 
-def _printed_fields(stdout):
-    """The `  name:  value` lines a cityhall command prints (credentials shown once)."""
-    import re
+def printed_fields(stdout):
+    """The `  name:  value` lines a cityhall command prints (credentials shown once), as a dict."""
     return dict(re.findall(r"^\s+([a-z ]+):\s+(\S+)$", stdout, re.M))
 
 
-def staff_add(gw, dept="health", hall="tianhe-hall", roles=None):
-    """`cityhall staff add` with a new username; {username, password, secret, staff_id, dept, hall}."""
-    username = "h" + os.urandom(6).hex()
+def staff_add(gw, dept="health", hall="tianhe-hall", roles=None, username=None):
+    """`cityhall staff add` (a new username unless given): {username, password, secret, staff_id, dept, hall, out}."""
+    username = username or "h" + os.urandom(6).hex()
     args = ["staff", "add", "--username", username, "--dept", dept, "--hall", hall]
     if roles:
         args += ["--roles", roles]
     r = gw.run(*args)
     assert r.returncode == 0, (r.stdout, r.stderr)
-    fields = _printed_fields(r.stdout)
+    fields = printed_fields(r.stdout)
     staff_id = gw.pg.psql(f"SELECT staff_id FROM staff_accounts WHERE username = '{username}'")
     return {"username": username, "password": fields["password"], "secret": fields["totp secret"],
-            "staff_id": staff_id, "dept": dept, "hall": hall}
+            "staff_id": staff_id, "dept": dept, "hall": hall, "out": r.stdout}
 
 
 def staff_token(gw, dept="health", hall="tianhe-hall", roles=None, step=0):
@@ -1038,18 +1074,24 @@ def admin_token(gw):
     return gw._admin[0]
 
 
-def client_token(gw, dept="health"):
-    """A department client (`cityhall client add`) and its dept token: {client_id, secret, dept, token}."""
+def client_add(gw, dept="health"):
+    """`cityhall client add` with a new client id: {client_id, secret, dept, out}."""
     client_id = "c-" + os.urandom(5).hex()
     r = gw.run("client", "add", "--client-id", client_id, "--dept", dept)
     assert r.returncode == 0, (r.stdout, r.stderr)
-    secret = _printed_fields(r.stdout)["client secret"]
-    r = gw.request("/v1/auth/client-token", method="POST", json={"client_id": client_id, "client_secret": secret})
+    return {"client_id": client_id, "secret": printed_fields(r.stdout)["client secret"], "dept": dept, "out": r.stdout}
+
+
+def client_token(gw, dept="health"):
+    """A new department client and its dept token (POST /v1/auth/client-token): client_add's dict + token, until."""
+    c = client_add(gw, dept)
+    r = gw.request("/v1/auth/client-token", method="POST", json={"client_id": c["client_id"], "client_secret": c["secret"]})
     assert r.status == 200, r
-    return {"client_id": client_id, "secret": secret, "dept": dept, "token": r.json()["access_token"]}
+    return dict(c, token=r.json()["access_token"], until=time.time() + r.json()["expires_in"])
 
 
-def _sms_codes(gw, phone):
+def sms_codes(gw, phone):
+    """The codes the development SMS outbox (CITYHALL_VAR/sms-outbox.jsonl) holds for phone, oldest first."""
     try:
         with open(os.path.join(gw.env["CITYHALL_VAR"], "sms-outbox.jsonl")) as f:
             msgs = [_json.loads(line) for line in f if line.strip()]
@@ -1058,22 +1100,34 @@ def _sms_codes(gw, phone):
     return [m["code"] for m in msgs if m.get("phone") == phone and "code" in m]
 
 
+def wait_sms_code(gw, phone, before=0):
+    """Waits (5 s at most) for a code beyond the first `before` codes of phone in the outbox and returns the newest."""
+    return wait_for(lambda: sms_codes(gw, phone)[before:], timeout=5, what="the SMS code")[-1]
+
+
+def data_key(gw):
+    """The gateway's data key file (pii.h): (AES-256-GCM key, HMAC-SHA-256 key)."""
+    with open(os.path.join(gw.env["CITYHALL_VAR"], "keys", "data.key")) as f:
+        raw = bytes.fromhex(f.read().strip())
+    return raw[:32], raw[32:64]
+
+
+def keyed_hash(gw, domain, value):
+    """ch_pii_hmac: HMAC-SHA-256 over domain || 0x00 || value with the data key's MAC half, as hex."""
+    return hmac.new(data_key(gw)[1], domain.encode() + b"\0" + value.encode(), hashlib.sha256).hexdigest()
+
+
 def sms_lift_limits(gw, phone):
     """Deletes the per-IP SMS counters and the phone's own keys (id:ip:*, id:{<keyed hash>}:*) from Redis."""
-    with open(os.path.join(gw.env["CITYHALL_VAR"], "keys", "data.key")) as f:
-        mac_key = bytes.fromhex(f.read().strip())[32:64]
-    phone_hash = hmac.new(mac_key, b"phone\0" + phone.encode(), hashlib.sha256).hexdigest()
     keys = [k for k in gw.redis.cli("--scan", "--pattern", "id:ip:*").split() if k]
-    keys += [k for k in gw.redis.cli("--scan", "--pattern", f"id:{{{phone_hash}}}:*").split() if k]
+    keys += [k for k in gw.redis.cli("--scan", "--pattern", f"id:{{{keyed_hash(gw, 'phone', phone)}}}:*").split() if k]
     if keys:
         gw.redis.cli("DEL", *keys)
 
 
 def id_hmac(gw, number):
     """The registry's look-up hash of an ID number (HMAC-SHA-256 under the data key's MAC half), as hex."""
-    with open(os.path.join(gw.env["CITYHALL_VAR"], "keys", "data.key")) as f:
-        mac_key = bytes.fromhex(f.read().strip())[32:64]
-    return hmac.new(mac_key, b"id\0" + number.encode(), hashlib.sha256).hexdigest()
+    return keyed_hash(gw, "id", number)
 
 
 def same_household(gw, citizen_id, *id_numbers):
@@ -1087,16 +1141,146 @@ def same_household(gw, citizen_id, *id_numbers):
 
 def sms_login(gw, phone=None):
     """A citizen's SMS login (a new random phone by default) through the development outbox, the send limits
-    lifted first; returns the TokenResponse dict with `phone` added."""
+    lifted first; returns the TokenResponse dict with `phone` and `token` (the access token) added."""
     phone = phone or "199" + "".join(random.choice("0123456789") for _ in range(8))
     sms_lift_limits(gw, phone)
-    before = len(_sms_codes(gw, phone))
+    before = len(sms_codes(gw, phone))
     r = gw.request("/v1/auth/sms-code", method="POST", json={"phone": phone})
     assert r.status == 202, r
-    code = wait_for(lambda: _sms_codes(gw, phone)[before:], timeout=5, what="the SMS code")[-1]
-    r = gw.request("/v1/auth/login", method="POST", json={"phone": phone, "code": code})
+    r = gw.request("/v1/auth/login", method="POST", json={"phone": phone, "code": wait_sms_code(gw, phone, before)})
     assert r.status == 200, r
-    return dict(r.json(), phone=phone)
+    return dict(r.json(), phone=phone, token=r.json()["access_token"])
+
+
+def bind_real_name(gw, token, id_number, name):
+    """POST /v1/me/real-name for the citizen with this access token, asserting 200; returns the answer's JSON."""
+    r = gw.request("/v1/me/real-name", method="POST", json={"id_number": id_number, "name": name},
+                   headers={"Authorization": f"Bearer {token}"})
+    assert r.status == 200, r
+    return r.json()
+
+
+def assert_error(resp, status, code=None, message=None, hidden=()):
+    """DESIGN's error shape: the status, a JSON {"error": {code, message, request_id}} with request_id = x-request-id,
+    the code (any when None), `message` in the message, Retry-After on 429/503, none of `hidden` in the body."""
+    assert resp.status == status, f"expected {status}, got {resp!r}"
+    assert resp.headers.get("content-type", "").startswith("application/json"), resp
+    body = resp.json()
+    assert set(body) == {"error"} and isinstance(body["error"], dict), body
+    err = body["error"]
+    assert err.get("code") == code if code is not None else isinstance(err.get("code"), str) and err["code"], body
+    assert isinstance(err.get("message"), str) and err["message"], body
+    assert err.get("request_id") and err["request_id"] == resp.headers.get("x-request-id"), (body, resp.headers)
+    if message is not None:
+        assert message in err["message"], body
+    if status in (429, 503):
+        assert re.match(r"^[1-9]\d*$", resp.headers.get("retry-after", "")), f"no Retry-After: {resp.headers}"
+    for raw in hidden:
+        assert raw not in resp.text, f"a raw personal number in an error body: {body}"
+    return err
+
+
+# --------------------------------------------------------------------------- synthetic residents of the registry
+
+REGISTRY_HEADER = "id_number,name,sex,birth_date,region,address,household_id,phone"
+_ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
+_SURNAMES = "赵钱孙李周吴郑王冯陈褚卫蒋沈韩杨朱秦尤许何吕施张孔曹严华金魏陶姜"
+_GIVEN = "伟芳娜敏静丽强磊军洋勇艳杰娟涛明超秀霞平刚桂英华玉兰萍红"
+_rng = random.SystemRandom()
+_used_lock = threading.Lock()
+
+
+def _claim(value, used):
+    """Adds value to the set `used` and returns True, or False if it was there already (None: no set)."""
+    with _used_lock:
+        if used is not None and value in used:
+            return False
+        if used is not None:
+            used.add(value)
+        return True
+
+
+def id_check_char(first17):
+    """The GB 11643 check character of an ID number's first 17 digits."""
+    return "10X98765432"[sum(int(c) * w for c, w in zip(first17, _ID_WEIGHTS)) % 11]
+
+
+def new_id_number(region, birth=None, sex=None, used=None, check=None):
+    """A valid GB 11643 number of region, born on `birth` (a random day of 1960-1992 when None), with an odd
+    sequence for sex "M", even for "F", any for None, and a check character in `check` (any when None); never one
+    already in the set `used` (it is added there)."""
+    while True:
+        born = birth or datetime.date(1960, 1, 1) + datetime.timedelta(days=_rng.randrange(0, 12000))
+        seq = _rng.randrange(0, 1000) if sex is None else _rng.randrange(0, 500) * 2 + (1 if sex == "M" else 0)
+        first17 = f"{region}{born:%Y%m%d}{seq:03d}"
+        number = first17 + id_check_char(first17)
+        if (check is None or number[17] in check) and _claim(number, used):
+            return number
+
+
+def id_birth_date(number):
+    """The birth date written in an ID number, as a datetime.date."""
+    return datetime.date(int(number[6:10]), int(number[10:12]), int(number[12:14]))
+
+
+def china_today():
+    """Today's date in China (UTC+8), the day the services count ages and deadlines by."""
+    return (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=8)).date()
+
+
+def years_before(d, years):
+    """The date `years` years before d (28 February for a 29 February)."""
+    try:
+        return d.replace(year=d.year - years)
+    except ValueError:
+        return d.replace(year=d.year - years, day=28)
+
+
+def new_phone(used=None):
+    """A random mainland mobile number (1[3-9] and 9 digits) never already in the set `used` (it is added there)."""
+    while True:
+        phone = "1" + _rng.choice("3456789") + "".join(_rng.choice("0123456789") for _ in range(9))
+        if _claim(phone, used):
+            return phone
+
+
+def new_name(length=3):
+    """A random Chinese full name of `length` characters: one surname, then given-name characters."""
+    return _rng.choice(_SURNAMES) + "".join(_rng.choice(_GIVEN) for _ in range(length - 1))
+
+
+def import_registry(gw, rows, header=REGISTRY_HEADER, check=True):
+    """`cityhall import registry` of a CSV file: `header` (None: none), then rows, each a CSV line or a sequence of
+    values (str() of each, joined by commas; a date gives YYYY-MM-DD). Asserts success when `check`; returns the
+    CompletedProcess."""
+    lines = ([header] if header is not None else []) + [
+        r if isinstance(r, str) else ",".join(str(v) for v in r) for r in rows]
+    fd, path = tempfile.mkstemp(prefix="registry-", suffix=".csv", dir=gw.tmpdir)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    try:
+        r = gw.run("import", "registry", path)
+    finally:
+        os.unlink(path)
+    if check:
+        assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def resident_id(gw, number):
+    """The registry_residents.resident_id of the resident with this ID number."""
+    return int(gw.pg.psql(f"SELECT resident_id FROM registry_residents WHERE id_hmac = decode('{id_hmac(gw, number)}', 'hex')"))
+
+
+_shared = {}
+
+
+def shared(cluster, key, make):
+    """make() once per cluster and key; later calls return the same value (a logged-in caller, a seed's output)."""
+    d = _shared.setdefault(cluster.tmpdir, {})
+    if key not in d:
+        d[key] = make()
+    return d[key]
 
 
 # --------------------------------------------------------------------------- protobuf wire format

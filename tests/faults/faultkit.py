@@ -13,16 +13,13 @@ A prober thread meanwhile displays health codes (GET /v1/health/code): of citize
 the gateway held before the fault, and of the writers; and asks GET /readyz (both stores answer) for the recovery
 time."""
 
-import datetime
 import importlib.util
 import json
-import os
 import random
 import re
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -40,7 +37,6 @@ try:
 except ImportError:
     h2 = None
 
-WEIGHTS = [7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2]
 REGION = "530102"  # Kunming: a region that neither `cityhall seed` nor the other suites use
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 MOTHER_PHONE = "19900000001"  # the demo mother of a newborn, from `cityhall seed`
@@ -48,7 +44,6 @@ EXTRA_BIRTH_FIELDS = {"social_card.bank": "工商银行", "maternity.bank_accoun
                       "vaccine.clinic": "天河区天园街社区卫生服务中心"}
 
 _rng = random.SystemRandom()
-_lock = threading.Lock()
 _used_ids = set()
 _used_phones = set()
 
@@ -73,30 +68,6 @@ class Profile:
 
 # --------------------------------------------------------------------------- people, places, logins
 
-def _check_char(first17):
-    return "10X98765432"[sum(int(c) * w for c, w in zip(first17, WEIGHTS)) % 11]
-
-
-def _new_id():
-    while True:
-        born = datetime.date(1960, 1, 1) + datetime.timedelta(days=_rng.randrange(0, 15000))
-        first17 = f"{REGION}{born:%Y%m%d}{_rng.randrange(0, 1000):03d}"
-        number = first17 + _check_char(first17)
-        with _lock:
-            if number not in _used_ids:
-                _used_ids.add(number)
-                return number
-
-
-def _new_phone():
-    while True:
-        p = "1" + _rng.choice("345678") + "".join(_rng.choice("0123456789") for _ in range(9))
-        with _lock:
-            if p not in _used_phones:
-                _used_phones.add(p)
-                return p
-
-
 def login(cluster, phone):
     """A citizen's SMS login (harness.sms_login): {phone, token, citizen_id}."""
     r = harness.sms_login(cluster.gateway, phone)
@@ -105,25 +76,14 @@ def login(cluster, phone):
 
 def citizens(cluster, n):
     """n logged-in citizens, each bound to a fresh registry resident: [{phone, token, citizen_id}]."""
-    people = [(_new_id(), "测试" + "甲乙丙丁戊己庚辛壬癸"[i % 10]) for i in range(n)]
-    fd, path = tempfile.mkstemp(prefix="registry-", suffix=".csv", dir=cluster.tmpdir)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write("id_number,name,sex,birth_date,region,address,household_id,phone\n")
-        for number, name in people:
-            sex = "M" if int(number[16]) % 2 else "F"
-            birth = f"{number[6:10]}-{number[10:12]}-{number[12:14]}"
-            f.write(f"{number},{name},{sex},{birth},{REGION},云南省昆明市测试路1号,,\n")
-    try:
-        r = cluster.gateway.run("import", "registry", path)
-    finally:
-        os.unlink(path)
-    assert r.returncode == 0, r.stdout + r.stderr
+    people = [(harness.new_id_number(REGION, used=_used_ids), "测试" + "甲乙丙丁戊己庚辛壬癸"[i % 10]) for i in range(n)]
+    harness.import_registry(cluster.gateway, [
+        (number, name, "M" if int(number[16]) % 2 else "F", harness.id_birth_date(number), REGION, "云南省昆明市测试路1号",
+         "", "") for number, name in people])
     out = []
     for number, name in people:
-        who = login(cluster, _new_phone())
-        r = cluster.gateway.request("/v1/me/real-name", method="POST", json={"id_number": number, "name": name},
-                                    headers={"Authorization": f"Bearer {who['token']}"})
-        assert r.status == 200, r
+        who = login(cluster, harness.new_phone(_used_phones))
+        harness.bind_real_name(cluster.gateway, who["token"], number, name)
         out.append(who)
     return out
 

@@ -63,13 +63,8 @@ def es256(key, data):
 def new_person(age, sex="F"):
     """A valid GB 11643 number in REGION with a birth date `age` years ago, and a name."""
     born = datetime.date.today() - datetime.timedelta(days=int(age * 365.25) + _rng.randrange(10, 200))
-    while True:
-        seq = _rng.randrange(0, 500) * 2 + (1 if sex == "M" else 0)
-        first17 = f"{REGION}{born:%Y%m%d}{seq:03d}"
-        weights = [7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2]
-        number = first17 + "10X98765432"[sum(int(c) * w for c, w in zip(first17, weights)) % 11]
-        return {"id": number, "name": _rng.choice("赵钱孙李周吴郑王") + _rng.choice("伟芳娜敏静丽强磊"),
-                "sex": sex, "born": born}
+    return {"id": harness.new_id_number(REGION, born, sex), "name": _rng.choice("赵钱孙李周吴郑王") + _rng.choice("伟芳娜敏静丽强磊"),
+            "sex": sex, "born": born}
 
 
 class World:
@@ -103,17 +98,12 @@ class World:
     def setup(self):
         self.a, self.b, self.child, self.child2, self.other = (
             new_person(40, "M"), new_person(35), new_person(6), new_person(5), new_person(50))
-        lines = ["id_number,name,sex,birth_date,region,address,household_id,phone"]
         family = (self.a, self.child, self.child2)  # one household: A's children may be A's dependents
         household = f"AUTHZ-{uuid.uuid4().hex[:12]}"
-        lines += [f"{p['id']},{p['name']},{p['sex']},{p['born']:%Y-%m-%d},{REGION},北京市朝阳区测试路1号,"
-                  f"{household if any(p is q for q in family) else ''},"
-                  for p in (self.a, self.b, self.child, self.child2, self.other)]
-        path = os.path.join(self.c.tmpdir, "authz-registry.csv")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
-        r = self.gw.run("import", "registry", path)
-        assert r.returncode == 0, r.stdout + r.stderr
+        harness.import_registry(self.gw, [
+            (p["id"], p["name"], p["sex"], p["born"], REGION, "北京市朝阳区测试路1号",
+             household if any(p is q for q in family) else "", "")
+            for p in (self.a, self.b, self.child, self.child2, self.other)])
         self.a.update(self.citizen(self.a))
         self.b.update(self.citizen(self.b))
         self.staff_other = harness.staff_token(self.gw, dept=OTHER_DEPT)
@@ -129,9 +119,7 @@ class World:
 
     def citizen(self, p):
         login = harness.sms_login(self.gw)
-        r = self.gw.request("/v1/me/real-name", method="POST", json={"id_number": p["id"], "name": p["name"]},
-                            headers={"Authorization": f"Bearer {login['access_token']}"})
-        assert r.status == 200, r
+        harness.bind_real_name(self.gw, login["token"], p["id"], p["name"])
         return {"token": login["access_token"], "phone": login["phone"], "citizen_id": login["citizen_id"],
                 "session_id": login["session_id"]}
 
@@ -217,7 +205,7 @@ class World:
         return self.memo("paper", make)
 
     def business_fields(self):
-        today = (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=8)).date()
+        today = harness.china_today()
         return [{"name": "company.name", "value": f"北京授权{uuid.uuid4().hex[:6]}科技有限公司"},
                 {"name": "company.type", "value": "limited_company"},
                 {"name": "company.address", "value": "北京市朝阳区1号"},
@@ -284,13 +272,7 @@ class World:
         body = self.sms_body()
         r = self.gw.request("/v1/auth/sms-code", method="POST", json=body)
         assert r.status == 202, r
-        var = self.gw.env["CITYHALL_VAR"]
-
-        def code():
-            with open(os.path.join(var, "sms-outbox.jsonl")) as f:
-                codes = [json.loads(x)["code"] for x in f if x.strip() and json.loads(x).get("phone") == body["phone"]]
-            return codes[-1] if codes else None
-        return dict(body, code=wait_for(code, timeout=5, what="the SMS code"))
+        return dict(body, code=harness.wait_sms_code(self.gw, body["phone"]))
 
     def staff_login_body(self):
         acct = harness.staff_add(self.gw, dept=OTHER_DEPT)

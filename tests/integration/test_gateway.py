@@ -53,22 +53,7 @@ def assert_info_json(resp, threads=2):
     return body
 
 
-def assert_error(resp, status, code=None):
-    """The error contract: {"error": {"code", "message", "request_id"}}, request_id = x-request-id."""
-    assert resp.status == status, f"expected {status}, got {resp!r}"
-    assert resp.headers.get("content-type", "").startswith("application/json"), resp
-    body = resp.json()
-    assert set(body) == {"error"} and isinstance(body["error"], dict), body
-    err = body["error"]
-    if code is not None:
-        assert err.get("code") == code, f"expected code {code}: {body}"
-    else:
-        assert isinstance(err.get("code"), str) and err["code"], body
-    assert isinstance(err.get("message"), str) and err["message"], body
-    rid = resp.headers.get("x-request-id")
-    assert rid, f"no x-request-id header: {resp.headers}"
-    assert err.get("request_id") == rid, f"request_id {err.get('request_id')!r} != x-request-id {rid!r}"
-    return err
+assert_error = harness.assert_error
 
 
 def info(gw, http="h2c", timeout=10, **kw):

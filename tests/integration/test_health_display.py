@@ -12,17 +12,11 @@ through the development outbox and bind their real name through the API; staff a
 
 import base64
 import datetime
-import hashlib
-import hmac
 import json
 import os
-import random
 import re
 import shutil
-import struct
 import subprocess
-import tempfile
-import threading
 import time
 import uuid
 
@@ -35,7 +29,6 @@ TIMEOUT = 240
 PB = "application/x-protobuf"
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$")
-WEIGHTS = [7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2]
 REGION = "110101"
 TOKEN_TTL = 300
 PAPER_TTL = 7 * 86400
@@ -43,8 +36,6 @@ PAPER_TTL = 7 * 86400
 IDS = set()      # every raw ID number used: none may appear in a token, a body, Redis or the log
 NAMES = set()
 PHONES = set()
-_rng = random.SystemRandom()
-_lock = threading.Lock()
 
 
 # --------------------------------------------------------------------------- crypto (independent of cityhall)
@@ -110,46 +101,18 @@ def sign_with_ring(cluster, claims, kid=None):
 
 # --------------------------------------------------------------------------- registry, citizens, staff
 
-def check_char(first17):
-    return "10X98765432"[sum(int(c) * w for c, w in zip(first17, WEIGHTS)) % 11]
-
-
-def new_id(birth=None):
-    while True:
-        birth = birth or datetime.date(1960, 1, 1) + datetime.timedelta(days=_rng.randrange(0, 12000))
-        first17 = f"{REGION}{birth:%Y%m%d}{_rng.randrange(0, 500) * 2 + 1:03d}"  # odd: male
-        n = first17 + check_char(first17)
-        with _lock:
-            if n not in IDS:
-                IDS.add(n)
-                return n, birth
-
-
-SURNAMES = "赵钱孙李周吴郑王冯陈褚卫蒋沈韩杨朱秦尤许何吕施张孔曹严华金魏陶姜"
-GIVEN = "伟芳娜敏静丽强磊军洋勇艳杰娟涛明超秀霞平刚桂英华玉兰萍红"
-
-
 def person(birth=None):
-    n, birth = new_id(birth)
-    name = _rng.choice(SURNAMES) + "".join(_rng.choice(GIVEN) for _ in range(2))
+    name = harness.new_name()
     NAMES.add(name)
-    return {"id": n, "name": name, "birth": birth}
+    n = harness.new_id_number(REGION, birth, "M", used=IDS)
+    return {"id": n, "name": name, "birth": harness.id_birth_date(n)}
 
 
 def residents(cluster, *people):
-    fd, path = tempfile.mkstemp(prefix="registry-", suffix=".csv", dir=cluster.tmpdir)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write("id_number,name,sex,birth_date,region,address,household_id,phone\n")
-        for p in people:
-            f.write(f"{p['id']},{p['name']},M,{p['birth']:%Y-%m-%d},{REGION},北京市东城区东华门街道1号,,\n")
-    try:
-        r = cluster.gateway.run("import", "registry", path)
-    finally:
-        os.unlink(path)
-    assert r.returncode == 0, r.stdout + r.stderr
+    harness.import_registry(cluster.gateway, [
+        (p["id"], p["name"], "M", p["birth"], REGION, "北京市东城区东华门街道1号", "", "") for p in people])
     for p in people:
-        p["resident_id"] = int(cluster.pg.psql(
-            f"SELECT resident_id FROM registry_residents WHERE id_hmac = decode('{keyed_hash(cluster, 'id', p['id'])}', 'hex')"))
+        p["resident_id"] = harness.resident_id(cluster.gateway, p["id"])
     return people
 
 
@@ -157,42 +120,9 @@ def var_dir(cluster):
     return cluster.gateway.env["CITYHALL_VAR"]
 
 
-def keyed_hash(cluster, domain, value):
-    with open(os.path.join(var_dir(cluster), "keys", "data.key")) as f:
-        key = bytes.fromhex(f.read().strip())[32:64]
-    return hmac.new(key, domain.encode() + b"\0" + value.encode(), hashlib.sha256).hexdigest()
-
-
-def new_phone():
-    while True:
-        p = "1" + _rng.choice("3456789") + "".join(_rng.choice("0123456789") for _ in range(9))
-        with _lock:
-            if p not in PHONES:
-                PHONES.add(p)
-                return p
-
-
-def outbox_codes(cluster, phone):
-    try:
-        with open(os.path.join(var_dir(cluster), "sms-outbox.jsonl")) as f:
-            msgs = [json.loads(line) for line in f if line.strip()]
-    except FileNotFoundError:
-        return []
-    return [m["code"] for m in msgs if m.get("phone") == phone]
-
-
 def login(cluster):
-    """A new citizen account by SMS login; returns {"phone", "token", "citizen_id"}."""
-    phone = new_phone()
-    keys = [k for k in cluster.redis.cli("--scan", "--pattern", "id:ip:*").split() if k]
-    if keys:
-        cluster.redis.cli("DEL", *keys)  # many accounts from 127.0.0.1: end the per-address window
-    r = cluster.gateway.request("/v1/auth/sms-code", method="POST", json={"phone": phone})
-    assert r.status == 202, r
-    code = wait_for(lambda: outbox_codes(cluster, phone), timeout=5, what="the SMS code")[-1]
-    r = cluster.gateway.request("/v1/auth/login", method="POST", json={"phone": phone, "code": code})
-    assert r.status == 200, r
-    return {"phone": phone, "token": r.json()["access_token"], "citizen_id": r.json()["citizen_id"]}
+    """A new citizen account by SMS login: the TokenResponse with "phone" and "token"."""
+    return harness.sms_login(cluster.gateway, harness.new_phone(PHONES))
 
 
 def get(cluster, who, path, headers=None, **kw):
@@ -211,44 +141,17 @@ def citizen(cluster, birth=None):
     """A logged-in citizen bound to a fresh registry resident: the account merged with the person."""
     p = residents(cluster, person(birth))[0]
     who = login(cluster)
-    r = post(cluster, who, "/v1/me/real-name", {"id_number": p["id"], "name": p["name"]})
-    assert r.status == 200, r
+    harness.bind_real_name(cluster.gateway, who["token"], p["id"], p["name"])
     who.update(p)
     return who
 
 
-def totp(secret_b32):
-    key = base64.b32decode(secret_b32 + "=" * (-len(secret_b32) % 8))
-    mac = hmac.new(key, struct.pack(">Q", int(time.time() // 30)), hashlib.sha1).digest()
-    off = mac[-1] & 15
-    return "%06d" % ((struct.unpack(">I", mac[off:off + 4])[0] & 0x7FFFFFFF) % 1000000)
-
-
 def staff(cluster):
-    """A counter staff member of the health department, logged in: {"token", "staff_id"}."""
-    username = "hc" + uuid.uuid4().hex[:10]
-    r = cluster.gateway.run("staff", "add", "--username", username, "--dept", "health", "--hall", "tianhe-hall")
-    assert r.returncode == 0, r.stdout + r.stderr
-    fields = dict(re.findall(r"^\s+([a-z ]+):\s+(\S+)$", r.stdout, re.M))
-    r = cluster.gateway.request("/v1/staff/login", method="POST",
-                                json={"username": username, "password": fields["password"],
-                                      "totp": totp(fields["totp secret"])})
-    assert r.status == 200, r
-    sid = cluster.pg.psql(f"SELECT staff_id FROM staff_accounts WHERE username = '{username}'")
-    return {"token": r.json()["access_token"], "staff_id": sid}
+    """A counter staff member of the health department, logged in: {"token", "staff_id", ...}."""
+    return harness.staff_token(cluster.gateway, dept="health")
 
 
-def assert_error(resp, status, code, message=None):
-    assert resp.status == status, f"expected {status}, got {resp!r}"
-    body = resp.json()
-    assert set(body) == {"error"}, body
-    assert body["error"]["code"] == code, body
-    assert body["error"]["request_id"] == resp.headers.get("x-request-id"), (body, resp.headers)
-    if message is not None:
-        assert message in body["error"]["message"], body
-    if status in (429, 503):
-        assert re.match(r"^[1-9]\d*$", resp.headers.get("retry-after", "")), f"no Retry-After: {resp.headers}"
-    return body["error"]
+assert_error = harness.assert_error
 
 
 def code_of(cluster, who, **kw):

@@ -27,8 +27,6 @@ CLUSTER = {"threads": 2, "env": {"CITYHALL_MAX_BODY_BYTES": 8 << 20}}
 TIMEOUT = 300
 
 RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$")
-WEIGHTS = [7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2]
-HEADER = "id_number,name,sex,birth_date,region,address,household_id,phone"
 RECOMPUTE_WAIT_S = 20
 
 _rng = random.SystemRandom()
@@ -39,10 +37,6 @@ REGIONS = set()
 
 
 # --------------------------------------------------------------------------- people and places
-
-def check_char(first17):
-    return "10X98765432"[sum(int(c) * w for c, w in zip(first17, WEIGHTS)) % 11]
-
 
 def new_region():
     """A 6-digit region code of Guizhou (52xxxx) not used by another test of this run."""
@@ -55,15 +49,8 @@ def new_region():
 
 
 def new_id():
-    """A valid GB 11643 number (born 1950-2004, birth region 520102), never handed out before."""
-    while True:
-        born = datetime.date(1950, 1, 1) + datetime.timedelta(days=_rng.randrange(0, 20000))
-        first17 = f"520102{born:%Y%m%d}{_rng.randrange(0, 1000):03d}"
-        n = first17 + check_char(first17)
-        with _lock:
-            if n not in IDS:
-                IDS.add(n)
-                return n
+    """A valid GB 11643 number (birth region 520102), never handed out before."""
+    return harness.new_id_number("520102", used=IDS)
 
 
 def wrong_check(number):
@@ -72,77 +59,25 @@ def wrong_check(number):
     return number[:17] + chars[(chars.index(number[17]) + 1) % len(chars)]
 
 
-def new_phone():
-    while True:
-        p = "1" + _rng.choice("3456789") + "".join(_rng.choice("0123456789") for _ in range(9))
-        with _lock:
-            if p not in PHONES:
-                PHONES.add(p)
-                return p
-
-
 def residents(cluster, n, region):
     """Imports n residents living in `region`; returns their ID numbers (and names, by number)."""
     people = [(new_id(), "测试" + "甲乙丙丁戊己庚辛壬癸"[i % 10]) for i in range(n)]
-    fd, path = tempfile.mkstemp(prefix="registry-", suffix=".csv", dir=cluster.tmpdir)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(HEADER + "\n")
-        for number, name in people:
-            birth = f"{number[6:10]}-{number[10:12]}-{number[12:14]}"
-            f.write(f"{number},{name},{'M' if int(number[16]) % 2 else 'F'},{birth},{region},贵州省测试路1号,,\n")
-    try:
-        r = cluster.gateway.run("import", "registry", path)
-    finally:
-        os.unlink(path)
-    assert r.returncode == 0, r.stdout + r.stderr
+    harness.import_registry(cluster.gateway, [
+        (number, name, "M" if int(number[16]) % 2 else "F", harness.id_birth_date(number), region, "贵州省测试路1号", "", "")
+        for number, name in people])
     return dict(people)
 
 
-def resident_id(cluster, number):
-    return int(cluster.pg.psql(f"SELECT resident_id FROM registry_residents "
-                               f"WHERE id_hmac = decode('{keyed_hash(cluster, number)}', 'hex')"))
-
-
-def keyed_hash(cluster, number):
-    import hashlib
-    import hmac
-    with open(os.path.join(cluster.gateway.env["CITYHALL_VAR"], "keys", "data.key")) as f:
-        key = bytes.fromhex(f.read().strip())[32:64]
-    return hmac.new(key, b"id\0" + number.encode(), hashlib.sha256).hexdigest()
-
-
 # --------------------------------------------------------------------------- callers
-
-def clear_ip_limits(cluster):
-    keys = [k for k in cluster.redis.cli("--scan", "--pattern", "id:ip:*").split() if k]
-    if keys:
-        cluster.redis.cli("DEL", *keys)
-
-
-def outbox_codes(cluster, phone):
-    try:
-        with open(os.path.join(cluster.gateway.env["CITYHALL_VAR"], "sms-outbox.jsonl")) as f:
-            return [json.loads(line)["code"] for line in f if line.strip() and json.loads(line)["phone"] == phone]
-    except FileNotFoundError:
-        return []
-
 
 def citizen(cluster, region=None):
     """A logged-in citizen bound to a fresh registry resident: {token, citizen_id, id_number, resident_id}."""
     region = region or new_region()
     (number, name), = residents(cluster, 1, region).items()
-    phone = new_phone()
-    clear_ip_limits(cluster)
-    r = cluster.gateway.request("/v1/auth/sms-code", method="POST", json={"phone": phone})
-    assert r.status == 202, r
-    code = wait_for(lambda: (outbox_codes(cluster, phone) or [None])[-1], timeout=5, what="the SMS code")
-    r = cluster.gateway.request("/v1/auth/login", method="POST", json={"phone": phone, "code": code})
-    assert r.status == 200, r
-    who = {"token": r.json()["access_token"], "citizen_id": r.json()["citizen_id"], "id_number": number,
-           "region": region}
-    r = call(cluster, who, "/v1/me/real-name", "POST", {"id_number": number, "name": name})
-    assert r.status == 200, r
-    who["resident_id"] = resident_id(cluster, number)
+    tok = harness.sms_login(cluster.gateway, harness.new_phone(PHONES))
+    who = {"token": tok["token"], "citizen_id": tok["citizen_id"], "id_number": number, "region": region}
+    harness.bind_real_name(cluster.gateway, who["token"], number, name)
+    who["resident_id"] = harness.resident_id(cluster.gateway, number)
     return who
 
 
@@ -152,22 +87,11 @@ def call(cluster, who, path, method="GET", body=None, headers=None, **kw):
     return cluster.gateway.request(path, method=method, json=body, headers=h, **kw)
 
 
-_dept = {}
-
-
 def dept(cluster):
     """A health-authority department client's token (`cityhall client add`, then POST /v1/auth/client-token)."""
-    d = _dept.get(cluster.tmpdir)
-    if d is None or d["until"] < time.time() + 60:
-        client_id = "hc-" + "".join(_rng.choice("abcdef0123456789") for _ in range(10))
-        r = cluster.gateway.run("client", "add", "--client-id", client_id, "--dept", "health")
-        assert r.returncode == 0, r.stdout + r.stderr
-        secret = dict(re.findall(r"^\s+([a-z ]+):\s+(\S+)$", r.stdout, re.M))["client secret"]
-        r = cluster.gateway.request("/v1/auth/client-token", method="POST",
-                                    json={"client_id": client_id, "client_secret": secret})
-        assert r.status == 200, r
-        d = {"token": r.json()["access_token"], "until": time.time() + r.json()["expires_in"], "client_id": client_id}
-        _dept[cluster.tmpdir] = d
+    d = harness.shared(cluster, "dept", lambda: harness.client_token(cluster.gateway, "health"))
+    if d["until"] < time.time() + 60:
+        d.update(harness.client_token(cluster.gateway, "health"))
     return d
 
 
@@ -195,14 +119,7 @@ def wait_color(cluster, who, color, codes=None, timeout=RECOMPUTE_WAIT_S):
 
 
 def assert_error(resp, status, code_, fragment=None):
-    assert resp.status == status, f"expected {status}, got {resp!r}"
-    body = resp.json()
-    assert set(body) == {"error"} and body["error"]["code"] == code_, body
-    if fragment is not None:
-        assert fragment in body["error"]["message"], body
-    for n in IDS:
-        assert n not in resp.text, "an ID number in an error body"
-    return body["error"]
+    return harness.assert_error(resp, status, code_, fragment, hidden=IDS)
 
 
 def assert_reason(reason, code_, source, version=1):
@@ -325,12 +242,8 @@ def test_a_declaration_retried_with_its_idempotency_key_is_stored_once(cluster):
 
 
 def test_an_account_without_real_name_cannot_declare(cluster):
-    phone = new_phone()
-    clear_ip_limits(cluster)
-    assert cluster.gateway.request("/v1/auth/sms-code", method="POST", json={"phone": phone}).status == 202
-    code_ = wait_for(lambda: (outbox_codes(cluster, phone) or [None])[-1], timeout=5, what="the SMS code")
-    tok = cluster.gateway.request("/v1/auth/login", method="POST", json={"phone": phone, "code": code_}).json()
-    r = call(cluster, {"token": tok["access_token"]}, "/v1/health/declarations", "POST", {"temperature_c": 38})
+    tok = harness.sms_login(cluster.gateway, harness.new_phone(PHONES))
+    r = call(cluster, tok, "/v1/health/declarations", "POST", {"temperature_c": 38})
     assert_error(r, 422, "FAILED_PRECONDITION", "bind your real name first")
 
 

@@ -14,15 +14,9 @@ codes are computed here (RFC 6238)."""
 
 import base64
 import datetime
-import hashlib
-import hmac
 import json
-import os
 import random
 import re
-import struct
-import tempfile
-import threading
 import time
 import uuid
 
@@ -35,103 +29,44 @@ TIMEOUT = 240
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$")
 REGION = "120101"
-WEIGHTS = [7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2]
 FOUR_EYES = "four-eyes: a second staff member must decide"
 
 _rng = random.SystemRandom()
-_lock = threading.Lock()
 IDS = set()      # every raw ID number used here: none may appear in an answer
 PHONES = set()
 
 
 # --------------------------------------------------------------------------- people
 
-def check_char(first17):
-    return "10X98765432"[sum(int(c) * w for c, w in zip(first17, WEIGHTS)) % 11]
-
-
-def new_id(birth, sex):
-    while True:
-        seq = _rng.randrange(0, 500) * 2 + (1 if sex == "M" else 0)
-        first17 = f"{REGION}{birth:%Y%m%d}{seq:03d}"
-        number = first17 + check_char(first17)
-        with _lock:
-            if number not in IDS:
-                IDS.add(number)
-                return number
-
-
-def new_phone():
-    while True:
-        p = "1" + _rng.choice("345678") + "".join(_rng.choice("0123456789") for _ in range(9))
-        with _lock:
-            if p not in PHONES:
-                PHONES.add(p)
-                return p
-
-
 def person(age=35):
     sex = _rng.choice("MF")
     birth = datetime.date.today() - datetime.timedelta(days=365 * age + _rng.randrange(1, 300))
     name = _rng.choice("赵钱孙李周吴郑王冯陈") + "".join(_rng.choice("伟芳娜敏静丽强磊军洋") for _ in range(2))
-    return {"id": new_id(birth, sex), "name": name, "sex": sex, "birth": birth}
+    return {"id": harness.new_id_number(REGION, birth, sex, used=IDS), "name": name, "sex": sex, "birth": birth}
 
 
 def import_residents(cluster, *people):
-    lines = ["id_number,name,sex,birth_date,region,address,household_id,phone"]
-    lines += [f"{p['id']},{p['name']},{p['sex']},{p['birth']:%Y-%m-%d},{REGION},天津市和平区南京路1号,," for p in people]
-    fd, path = tempfile.mkstemp(prefix="registry-", suffix=".csv", dir=cluster.tmpdir)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    try:
-        r = cluster.gateway.run("import", "registry", path)
-    finally:
-        os.unlink(path)
-    assert r.returncode == 0, r.stdout + r.stderr
+    harness.import_registry(cluster.gateway, [
+        (p["id"], p["name"], p["sex"], p["birth"], REGION, "天津市和平区南京路1号", "", "") for p in people])
     for p in people:
-        p["resident_id"] = int(psql(cluster, "SELECT resident_id FROM registry_residents WHERE name = "
-                                             f"'{p['name']}' AND birth_date = '{p['birth']}' ORDER BY resident_id DESC "
-                                             "LIMIT 1"))
+        p["resident_id"] = harness.resident_id(cluster.gateway, p["id"])
     return people
-
-
-def var_dir(cluster):
-    return cluster.gateway.env["CITYHALL_VAR"]
 
 
 def psql(cluster, sql):
     return cluster.pg.psql(sql)
 
 
-def outbox_codes(cluster, phone):
-    try:
-        with open(os.path.join(var_dir(cluster), "sms-outbox.jsonl")) as f:
-            msgs = [json.loads(line) for line in f if line.strip()]
-    except FileNotFoundError:
-        return []
-    return [m["code"] for m in msgs if m.get("phone") == phone]
-
-
 def login(cluster):
-    """A new citizen account by SMS login: {"phone", "token", "citizen_id"}."""
-    phone = new_phone()
-    keys = [k for k in cluster.redis.cli("--scan", "--pattern", "id:ip:*").split() if k]
-    if keys:  # these tests log many accounts in from 127.0.0.1
-        cluster.redis.cli("DEL", *keys)
-    r = cluster.gateway.request("/v1/auth/sms-code", method="POST", json={"phone": phone})
-    assert r.status == 202, r
-    code = wait_for(lambda: outbox_codes(cluster, phone), timeout=5, what="the SMS code")[-1]
-    r = cluster.gateway.request("/v1/auth/login", method="POST", json={"phone": phone, "code": code})
-    assert r.status == 200, r
-    return {"phone": phone, "token": r.json()["access_token"], "citizen_id": r.json()["citizen_id"]}
+    """A new citizen account by SMS login: the TokenResponse with "phone" and "token"."""
+    return harness.sms_login(cluster.gateway, harness.new_phone(PHONES))
 
 
 def citizen(cluster, p=None):
     """A logged-in citizen bound to a fresh registry resident: {..., "person"}."""
     p = p or import_residents(cluster, person())[0]
     who = login(cluster)
-    r = call(cluster, who, "/v1/me/real-name", "POST", {"id_number": p["id"], "name": p["name"]})
-    assert r.status == 200, r
+    harness.bind_real_name(cluster.gateway, who["token"], p["id"], p["name"])
     who["person"] = p
     return who
 
@@ -143,54 +78,19 @@ def call(cluster, who, path, method="GET", body=None, headers=None, **kw):
 
 
 def assert_error(resp, status, code, message=None):
-    assert resp.status == status, f"expected {status}, got {resp!r}"
-    body = resp.json()
-    assert set(body) == {"error"}, body
-    assert body["error"]["code"] == code, body
-    assert body["error"]["request_id"] == resp.headers.get("x-request-id"), (body, resp.headers)
-    if message is not None:
-        assert message in body["error"]["message"], body
-    for raw in IDS:
-        assert raw not in resp.text, f"an ID number in an error body: {body}"
-    return body["error"]
+    return harness.assert_error(resp, status, code, message, hidden=IDS)
 
 
 # --------------------------------------------------------------------------- staff and the health authority
 
-def totp(secret_b32, at=None):
-    key = base64.b32decode(secret_b32 + "=" * (-len(secret_b32) % 8))
-    counter = int((time.time() if at is None else at) // 30)
-    mac = hmac.new(key, struct.pack(">Q", counter), hashlib.sha1).digest()
-    off = mac[-1] & 15
-    return "%06d" % ((struct.unpack(">I", mac[off:off + 4])[0] & 0x7FFFFFFF) % 1000000)
-
-
 def staff(cluster, dept="health", roles=None):
-    """A new staff account, logged in: {"username", "staff_id", "token"}."""
-    username = "v" + uuid.uuid4().hex[:12]
-    args = ["staff", "add", "--username", username, "--dept", dept, "--hall", "tianhe-hall"]
-    if roles:
-        args += ["--roles", roles]
-    r = cluster.gateway.run(*args)
-    assert r.returncode == 0, (r.stdout, r.stderr)
-    fields = dict(re.findall(r"^\s+([a-z ]+):\s+(\S+)$", r.stdout, re.M))
-    r = cluster.gateway.request("/v1/staff/login", method="POST", json={
-        "username": username, "password": fields["password"], "totp": totp(fields["totp secret"])})
-    assert r.status == 200, r
-    staff_id = psql(cluster, f"SELECT staff_id FROM staff_accounts WHERE username = '{username}'")
-    return {"username": username, "staff_id": staff_id, "token": r.json()["access_token"]}
+    """A new staff account, logged in: {"username", "staff_id", "token", ...}."""
+    return harness.staff_token(cluster.gateway, dept, roles=roles)
 
 
 def dept(cluster):
-    """A health-authority client's dept token: {"client_id", "token"}."""
-    client_id = "v-" + uuid.uuid4().hex[:10]
-    r = cluster.gateway.run("client", "add", "--client-id", client_id, "--dept", "health")
-    assert r.returncode == 0, (r.stdout, r.stderr)
-    fields = dict(re.findall(r"^\s+([a-z ]+):\s+(\S+)$", r.stdout, re.M))
-    r = cluster.gateway.request("/v1/auth/client-token", method="POST",
-                                json={"client_id": client_id, "client_secret": fields["client secret"]})
-    assert r.status == 200, r
-    return {"client_id": client_id, "token": r.json()["access_token"]}
+    """A health-authority client's dept token: {"client_id", "token", ...}."""
+    return harness.client_token(cluster.gateway, "health")
 
 
 # --------------------------------------------------------------------------- venues, codes, tokens
@@ -241,14 +141,7 @@ def new_venue(cluster, who=None, name=None, region="120101"):
     return r.json()
 
 
-_cache = {}
-
-
-def shared(cluster, key, make):
-    d = _cache.setdefault(cluster.tmpdir, {})
-    if key not in d:
-        d[key] = make()
-    return d[key]
+shared = harness.shared
 
 
 def code_of(cluster, who):

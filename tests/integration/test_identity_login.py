@@ -10,7 +10,6 @@ expires by itself; an idle or expired session is made by moving its timestamps i
 import base64
 import calendar
 import hashlib
-import hmac
 import json
 import os
 import random
@@ -37,11 +36,7 @@ _rng = random.SystemRandom()
 # --------------------------------------------------------------------------- helpers
 
 def new_phone():
-    while True:
-        p = "1" + _rng.choice("3456789") + "".join(_rng.choice("0123456789") for _ in range(9))
-        if p not in PHONES:
-            PHONES.add(p)
-            return p
+    return harness.new_phone(PHONES)
 
 
 def var_dir(cluster):
@@ -58,18 +53,11 @@ def outbox(cluster):
 
 
 def codes_for(cluster, phone):
-    return [m["code"] for m in outbox(cluster) if m["phone"] == phone]
-
-
-def hmac_key(cluster):
-    """The HMAC half of the data key file (pii.h: AES key, then HMAC key, 128 hex digits)."""
-    with open(os.path.join(var_dir(cluster), "keys", "data.key")) as f:
-        return bytes.fromhex(f.read().strip())[32:64]
+    return harness.sms_codes(cluster.gateway, phone)
 
 
 def keyed_hash(cluster, domain, value):
-    """ch_pii_hmac: HMAC-SHA-256 over domain || 0x00 || value."""
-    return hmac.new(hmac_key(cluster), domain.encode() + b"\0" + value.encode(), hashlib.sha256).hexdigest()
+    return harness.keyed_hash(cluster.gateway, domain, value)
 
 
 def phone_key(cluster, phone, what):
@@ -149,20 +137,11 @@ def all_loops_connected(cluster):
 
 
 def assert_error(resp, status, code, message=None):
-    assert resp.status == status, f"expected {status}, got {resp!r}"
-    body = resp.json()
-    assert set(body) == {"error"}, body
-    err = body["error"]
-    assert err.get("code") == code, body
-    assert err.get("request_id") == resp.headers.get("x-request-id"), (body, resp.headers)
-    if message is not None:
-        assert message in err.get("message", ""), body
-    if status in (429, 503):
-        assert re.match(r"^[1-9]\d*$", resp.headers.get("retry-after", "")), f"no Retry-After: {resp.headers}"
-    wait = re.search(r"try again in (\d+) s", err.get("message", ""))
+    err = harness.assert_error(resp, status, code, message)
+    wait = re.search(r"try again in (\d+) s", err["message"])
     if status == 429:
         # a limit tells when it lifts, in the header and in the message alike
-        assert wait and resp.headers["retry-after"] == wait.group(1), (resp.headers, body)
+        assert wait and resp.headers["retry-after"] == wait.group(1), (resp.headers, err)
     return err
 
 
@@ -722,20 +701,7 @@ def test_outbox_has_the_codes_but_no_log_line_redis_key_or_value_has_a_phone(clu
 
     keys = cluster.redis.cli("--scan").split()
     assert keys, "expected limit and code keys in Redis"
-    dump = []
-    for key in keys:
-        kind = cluster.redis.cli("TYPE", key)
-        if kind == "string":
-            dump.append(cluster.redis.cli("GET", key))
-        elif kind == "hash":
-            dump.append(cluster.redis.cli("HGETALL", key))
-        elif kind in ("list",):
-            dump.append(cluster.redis.cli("LRANGE", key, 0, -1))
-        elif kind in ("set",):
-            dump.append(cluster.redis.cli("SMEMBERS", key))
-        elif kind == "zset":
-            dump.append(cluster.redis.cli("ZRANGE", key, 0, -1))
-    text = "\n".join(keys + dump)
+    text = cluster.redis.dump()
     leaked = [p for p in PHONES if p in text]
     assert not leaked, f"phone numbers in Redis: {leaked}"
     ours = [k for k in keys if k.startswith(("id:{", "id:ip:"))]

@@ -12,15 +12,11 @@ Beijing's region 110101, which the synthetic Guangdong population of `cityhall s
 
 import base64
 import datetime
-import hashlib
-import hmac
 import json
 import os
 import random
 import re
 import subprocess
-import tempfile
-import threading
 
 import harness
 from harness import wait_for
@@ -32,7 +28,6 @@ PB = "application/x-protobuf"
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$")
 NO_MATCH = "the ID number and name do not match the registry"
-WEIGHTS = [7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2]
 REGION = "110101"
 DEMO_PHONES = ("19900000001", "19900000002", "19900000003")
 
@@ -40,56 +35,22 @@ DEMO_PHONES = ("19900000001", "19900000002", "19900000003")
 IDS = set()
 PHONES = set()
 _rng = random.SystemRandom()
-_lock = threading.Lock()
 
 
 # --------------------------------------------------------------------------- registry residents
 
-def check_char(first17):
-    return "10X98765432"[sum(int(c) * w for c, w in zip(first17, WEIGHTS)) % 11]
-
-
-def china_today():
-    return (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=8)).date()
-
-
-def years_before(d, years):
-    try:
-        return d.replace(year=d.year - years)
-    except ValueError:  # 29 February
-        return d.replace(year=d.year - years, day=28)
+check_char = harness.id_check_char
+china_today = harness.china_today
+years_before = harness.years_before
 
 
 def new_id(birth, sex="M", want_x=False):
     """A fresh valid GB 11643 number in region 110101 (odd sequence: male, even: female)."""
-    while True:
-        seq = _rng.randrange(0, 500) * 2 + (1 if sex == "M" else 0)
-        first17 = f"{REGION}{birth:%Y%m%d}{seq:03d}"
-        c = check_char(first17)
-        if want_x != (c == "X"):
-            continue
-        with _lock:
-            if first17 + c in IDS:
-                continue
-            IDS.add(first17 + c)
-        return first17 + c
-
-
-def new_phone():
-    while True:
-        p = "1" + _rng.choice("345678") + "".join(_rng.choice("0123456789") for _ in range(9))
-        with _lock:
-            if p not in PHONES:
-                PHONES.add(p)
-                return p
-
-
-SURNAMES = "赵钱孙李周吴郑王冯陈褚卫蒋沈韩杨朱秦尤许何吕施张孔曹严华金魏陶姜"
-GIVEN = "伟芳娜敏静丽强磊军洋勇艳杰娟涛明超秀霞平刚桂英华玉兰萍红"
+    return harness.new_id_number(REGION, birth, sex, used=IDS, check="X" if want_x else "0123456789")
 
 
 def new_name():
-    return _rng.choice(SURNAMES) + "".join(_rng.choice(GIVEN) for _ in range(_rng.choice((1, 2))))
+    return harness.new_name(_rng.choice((2, 3)))
 
 
 def person(age_years=35, sex=None, want_x=False, birth=None, phone=False):
@@ -98,76 +59,34 @@ def person(age_years=35, sex=None, want_x=False, birth=None, phone=False):
     if birth is None:
         birth = years_before(china_today(), age_years) - datetime.timedelta(days=_rng.randrange(1, 300))
     return {"id": new_id(birth, sex, want_x), "name": new_name(), "sex": sex, "birth": birth,
-            "phone": new_phone() if phone else ""}
+            "phone": harness.new_phone(PHONES) if phone else ""}
 
 
 def csv_line(p, household=""):
     return f"{p['id']},{p['name']},{p['sex']},{p['birth']:%Y-%m-%d},{REGION},北京市东城区东华门街道1号,{household},{p['phone']}"
 
 
-HEADER = "id_number,name,sex,birth_date,region,address,household_id,phone"
+HEADER = harness.REGISTRY_HEADER
 
 
 def import_csv(cluster, lines):
-    fd, path = tempfile.mkstemp(prefix="registry-", suffix=".csv", dir=cluster.tmpdir)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    try:
-        return cluster.gateway.run("import", "registry", path)
-    finally:
-        os.unlink(path)
+    return harness.import_registry(cluster.gateway, lines, header=None, check=False)
 
 
 def residents(cluster, *people):
     """Imports people into the registry (asserting success) and returns them."""
-    r = import_csv(cluster, [HEADER] + [csv_line(p) for p in people])
-    assert r.returncode == 0, r.stdout + r.stderr
+    r = harness.import_registry(cluster.gateway, [csv_line(p) for p in people])
     assert f"import: {len(people)} rows" in r.stdout, r.stdout
     return people
 
 
 # --------------------------------------------------------------------------- citizens (B's SMS login)
 
-def var_dir(cluster):
-    return cluster.gateway.env["CITYHALL_VAR"]
-
-
-def outbox_codes(cluster, phone):
-    try:
-        with open(os.path.join(var_dir(cluster), "sms-outbox.jsonl")) as f:
-            msgs = [json.loads(line) for line in f if line.strip()]
-    except FileNotFoundError:
-        return []
-    return [m["code"] for m in msgs if m.get("phone") == phone]
-
-
-def clear_ip_limits(cluster):
-    """Ends the per-address SMS window (these tests log in many accounts from 127.0.0.1)."""
-    keys = [k for k in cluster.redis.cli("--scan", "--pattern", "id:ip:*").split() if k]
-    if keys:
-        cluster.redis.cli("DEL", *keys)
-
-
 def login(cluster, phone=None):
-    """POST /v1/auth/sms-code, the code from <var>/sms-outbox.jsonl, POST /v1/auth/login.
-    Returns {"phone", "token", "citizen_id"}."""
-    phone = phone or new_phone()
+    """An SMS login through the development outbox: the TokenResponse with "phone" and "token"."""
+    phone = phone or harness.new_phone(PHONES)
     PHONES.add(phone)
-    clear_ip_limits(cluster)
-    # a second login of one phone within the minute: end the phone's resend window first
-    resend = [k for k in cluster.redis.cli("--scan", "--pattern", f"*{keyed_hash(cluster, 'phone', phone)}*resend*").split()
-              if k]
-    if resend:
-        cluster.redis.cli("DEL", *resend)
-    before = len(outbox_codes(cluster, phone))
-    r = cluster.gateway.request("/v1/auth/sms-code", method="POST", json={"phone": phone})
-    assert r.status == 202, r
-    codes = wait_for(lambda: outbox_codes(cluster, phone)[before:], timeout=5, what="the SMS code")
-    r = cluster.gateway.request("/v1/auth/login", method="POST", json={"phone": phone, "code": codes[-1]})
-    assert r.status == 200, r
-    body = r.json()
-    return {"phone": phone, "token": body["access_token"], "citizen_id": body["citizen_id"],
-            "real_name_verified": body["real_name_verified"]}
+    return harness.sms_login(cluster.gateway, phone)
 
 
 def call(cluster, who, path, method="GET", body=None, headers=None, http="h2c"):
@@ -212,26 +131,7 @@ def masked_name(name):
 
 
 def assert_error(resp, status, code, message=None):
-    assert resp.status == status, f"expected {status}, got {resp!r}"
-    body = resp.json()
-    assert set(body) == {"error"}, body
-    err = body["error"]
-    assert err.get("code") == code, body
-    assert err.get("request_id") == resp.headers.get("x-request-id"), (body, resp.headers)
-    if message is not None:
-        assert message in err.get("message", ""), body
-    if status in (429, 503):
-        assert re.match(r"^[1-9]\d*$", resp.headers.get("retry-after", "")), f"no Retry-After: {resp.headers}"
-    for raw in IDS | PHONES:
-        assert raw not in resp.text, f"a raw number in an error body: {body}"
-    return err
-
-
-def keyed_hash(cluster, domain, value):
-    """ch_pii_hmac: HMAC-SHA-256 over domain || 0x00 || value, with the HMAC half of data.key."""
-    with open(os.path.join(var_dir(cluster), "keys", "data.key")) as f:
-        key = bytes.fromhex(f.read().strip())[32:64]
-    return hmac.new(key, domain.encode() + b"\0" + value.encode(), hashlib.sha256).hexdigest()
+    return harness.assert_error(resp, status, code, message, hidden=IDS | PHONES)
 
 
 def account_key(who):
@@ -239,7 +139,7 @@ def account_key(who):
 
 
 def target_key(cluster, id_number):
-    return f"id:lookup:target:{keyed_hash(cluster, 'id', id_number)}"
+    return f"id:lookup:target:{harness.id_hmac(cluster.gateway, id_number)}"
 
 
 def lift(cluster, key):
@@ -397,7 +297,7 @@ def test_concurrent_binds_of_one_number_leave_exactly_one_account_bound(cluster)
     statuses = sorted(c.wait().status for c in calls)
     assert statuses == [200, 409, 409, 409], statuses
     assert cluster.pg.psql(f"SELECT count(*) FROM citizens c JOIN registry_residents r ON r.resident_id = c.registry_id "
-                           f"WHERE r.id_hmac = decode('{keyed_hash(cluster, 'id', p['id'])}', 'hex')") == "1"
+                           f"WHERE r.id_hmac = decode('{harness.id_hmac(cluster.gateway, p['id'])}', 'hex')") == "1"
 
 
 def test_sixth_look_up_from_one_account_within_the_hour_is_429_until_the_window_ends(cluster):
@@ -834,7 +734,7 @@ def test_import_with_a_bad_row_imports_nothing_and_names_the_lines(cluster):
     r = import_csv(cluster, [HEADER, f'{q["id"]},"{q["name"]}",{q["sex"]},,,"北京市, ""东城区""",,'])
     assert r.returncode == 0, r.stderr
     assert cluster.pg.psql(f"SELECT address FROM registry_residents WHERE id_hmac = "
-                           f"decode('{keyed_hash(cluster, 'id', q['id'])}', 'hex')") == '北京市, "东城区"'
+                           f"decode('{harness.id_hmac(cluster.gateway, q['id'])}', 'hex')") == '北京市, "东城区"'
     assert import_csv(cluster, ["id,name", "1,2"]).returncode == 1
 
 
@@ -851,20 +751,7 @@ def test_no_raw_id_number_or_phone_in_logs_redis_or_any_clear_text_column(cluste
 
     keys = [k for k in cluster.redis.cli("--scan").split() if k]
     assert any(k.startswith("id:lookup:") for k in keys), keys
-    dump = list(keys)
-    for key in keys:
-        kind = cluster.redis.cli("TYPE", key)
-        if kind == "string":
-            dump.append(cluster.redis.cli("GET", key))
-        elif kind == "hash":
-            dump.append(cluster.redis.cli("HGETALL", key))
-        elif kind == "set":
-            dump.append(cluster.redis.cli("SMEMBERS", key))
-        elif kind == "list":
-            dump.append(cluster.redis.cli("LRANGE", key, 0, -1))
-        elif kind == "zset":
-            dump.append(cluster.redis.cli("ZRANGE", key, 0, -1))
-    text = "\n".join(dump)
+    text = cluster.redis.dump()
     for raw in raws:
         assert raw not in text, "a raw number in Redis"
 

@@ -20,7 +20,6 @@ import random
 import re
 import socket
 import struct
-import subprocess
 import time
 import uuid
 
@@ -38,7 +37,6 @@ CLIENT_WRONG = "the client id or secret is wrong"
 _rng = random.SystemRandom()
 ID_NUMBERS = set()   # every ID number used: none may reach a log line or Redis
 PHONES = set()
-_cache = {}          # per cluster: the shared citizen and kiosk (keyed by the cluster's tmpdir)
 
 
 # --------------------------------------------------------------------------- helpers: crypto
@@ -58,13 +56,7 @@ def b64url(b):
     return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
 
 
-def totp(secret_b32, step=0, at=None):
-    """RFC 6238: HMAC-SHA1, 30 s steps, 6 digits; `step` moves from the current step."""
-    key = base64.b32decode(secret_b32 + "=" * (-len(secret_b32) % 8))
-    counter = int((time.time() if at is None else at) // 30) + step
-    mac = hmac.new(key, struct.pack(">Q", counter), hashlib.sha1).digest()
-    off = mac[-1] & 15
-    return "%06d" % ((struct.unpack(">I", mac[off:off + 4])[0] & 0x7FFFFFFF) % 1000000)
+totp = harness.totp
 
 
 def other_code(code):
@@ -90,19 +82,7 @@ def get(cluster, path, token, **kw):
 
 
 def assert_error(resp, status, code, message=None):
-    assert resp.status == status, f"expected {status}, got {resp!r}"
-    body = resp.json()
-    assert set(body) == {"error"}, body
-    err = body["error"]
-    assert err.get("code") == code, body
-    assert err.get("request_id") == resp.headers.get("x-request-id"), (body, resp.headers)
-    if message is not None:
-        assert message in err.get("message", ""), body
-    if status in (429, 503):
-        assert re.match(r"^[1-9]\d*$", resp.headers.get("retry-after", "")), f"no Retry-After: {resp.headers}"
-    for n in ID_NUMBERS:
-        assert n not in resp.text, f"an ID number in an error body: {resp.text}"
-    return err
+    return harness.assert_error(resp, status, code, message, hidden=ID_NUMBERS)
 
 
 def psql(cluster, sql):
@@ -124,19 +104,12 @@ SECRETS = set()      # every staff password and TOTP secret printed: none may re
 
 def staff_add(cluster, username=None, dept="health", hall="tianhe-hall", roles=None):
     """`cityhall staff add`; returns {username, password, secret, staff_id, dept, hall}."""
-    username = username or new_username()
-    args = ["staff", "add", "--username", username, "--dept", dept, "--hall", hall]
-    if roles:
-        args += ["--roles", roles]
-    r = cluster.gateway.run(*args)
-    assert r.returncode == 0, (r.stdout, r.stderr)
-    fields = dict(re.findall(r"^\s+([a-z ]+):\s+(\S+)$", r.stdout, re.M))
-    assert fields["username"] == username, r.stdout
-    staff_id = psql(cluster, f"SELECT staff_id FROM staff_accounts WHERE username = '{username}'")
-    assert UUID.match(staff_id), staff_id
-    SECRETS.update((fields["password"], fields["totp secret"]))
-    return {"username": username, "password": fields["password"], "secret": fields["totp secret"],
-            "otpauth": fields["otpauth uri"], "staff_id": staff_id, "dept": dept, "hall": hall, "out": r.stdout}
+    acct = harness.staff_add(cluster.gateway, dept, hall, roles, username=username or new_username())
+    fields = harness.printed_fields(acct["out"])
+    assert fields["username"] == acct["username"], acct["out"]
+    assert UUID.match(acct["staff_id"]), acct["staff_id"]
+    SECRETS.update((acct["password"], acct["secret"]))
+    return dict(acct, otpauth=fields["otpauth uri"])
 
 
 def staff_login(cluster, acct, password=None, code=None, step=0, **kw):
@@ -160,39 +133,11 @@ def staff_row(cluster, acct):
 
 # --------------------------------------------------------------------------- helpers: citizens
 
-def new_id_number(check=None):
-    """A valid GB 11643 number (region 440106, a birth date 1940-2005, a sequence, the check character),
-    never used before; `check` asks for a given check character (e.g. "X")."""
-    weights = [7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2]
-    while True:
-        first17 = "440106%04d%02d%02d%03d" % (_rng.randint(1940, 2005), _rng.randint(1, 12), _rng.randint(1, 28),
-                                               _rng.randint(0, 999))
-        n = first17 + "10X98765432"[sum(int(d) * w for d, w in zip(first17, weights)) % 11]
-        if n not in ID_NUMBERS and (check is None or n.endswith(check)):
-            ID_NUMBERS.add(n)
-            return n
-
-
-def new_phone():
-    while True:
-        p = "1" + _rng.choice("3456789") + "".join(_rng.choice("0123456789") for _ in range(9))
-        if p not in PHONES:
-            PHONES.add(p)
-            return p
-
-
-def data_key(cluster):
-    """The data key file (pii.h): 64 bytes hex, an AES-256-GCM key then an HMAC-SHA-256 key."""
-    with open(os.path.join(var_dir(cluster), "keys", "data.key")) as f:
-        raw = bytes.fromhex(f.read().strip())
-    return raw[:32], raw[32:64]
-
-
 def add_resident(cluster, name, check=None):
     """A registry resident (as `cityhall import registry` would store it); returns the ID number."""
     *_, AESGCM = crypto()
-    number = new_id_number(check)
-    aes_key, mac_key = data_key(cluster)
+    number = harness.new_id_number("440106", used=ID_NUMBERS, check=check)
+    aes_key, mac_key = harness.data_key(cluster.gateway)
     id_hmac = hmac.new(mac_key, b"id\0" + number.encode(), hashlib.sha256).hexdigest()
     nonce = os.urandom(12)
     id_enc = (nonce + AESGCM(aes_key).encrypt(nonce, number.encode(), None)).hex()
@@ -205,34 +150,18 @@ def add_resident(cluster, name, check=None):
 
 def sms_login(cluster):
     """A citizen's SMS login through the development outbox; returns the TokenResponse dict."""
-    phone = new_phone()
-    r = post(cluster, "/v1/auth/sms-code", {"phone": phone})
-    assert r.status == 202, r
-    path = os.path.join(var_dir(cluster), "sms-outbox.jsonl")
-
-    def code():
-        with open(path) as f:
-            codes = [json.loads(line)["code"] for line in f if line.strip() and json.loads(line)["phone"] == phone]
-        return codes[-1] if codes else None
-    r = post(cluster, "/v1/auth/login", {"phone": phone, "code": wait_for(code, timeout=5, what="the SMS code")})
-    assert r.status == 200, r
-    return r.json()
+    return harness.sms_login(cluster.gateway, harness.new_phone(PHONES))
 
 
 def new_citizen(cluster, name="林晓梅"):
     """A registry resident with an account bound to it: {id_number, name, token, citizen_id}."""
     number = add_resident(cluster, name)
     tok = sms_login(cluster)
-    r = post(cluster, "/v1/me/real-name", {"id_number": number, "name": name}, token=tok["access_token"])
-    assert r.status == 200, r
+    harness.bind_real_name(cluster.gateway, tok["token"], number, name)
     return {"id_number": number, "name": name, "token": tok["access_token"], "citizen_id": tok["citizen_id"]}
 
 
-def shared(cluster, key, make):
-    d = _cache.setdefault(cluster.tmpdir, {})
-    if key not in d:
-        d[key] = make()
-    return d[key]
+shared = harness.shared
 
 
 def citizen(cluster):
@@ -584,7 +513,7 @@ def test_delegation_refusals_answer_422_or_400_and_write_nothing(cluster):
         ({"id_number": person["id_number"][:17] + ("0" if person["id_number"][17] != "0" else "1"),
           "name": person["name"]}, 422, "FAILED_PRECONDITION", "check character"),
         ({"id_number": person["id_number"], "name": "张冒名"}, 422, "FAILED_PRECONDITION", "do not match"),
-        ({"id_number": new_id_number(), "name": person["name"]}, 422, "FAILED_PRECONDITION", "do not match"),
+        ({"id_number": harness.new_id_number("440106", used=ID_NUMBERS), "name": person["name"]}, 422, "FAILED_PRECONDITION", "do not match"),
         ({"id_number": no_account, "name": "赵无号"}, 422, "FAILED_PRECONDITION", "no account"),
         ({"id_number": "", "name": person["name"]}, 400, "INVALID_ARGUMENT", "id_number"),
         ({"id_number": person["id_number"], "name": ""}, 400, "INVALID_ARGUMENT", "name"),
@@ -641,12 +570,9 @@ def test_delegations_per_staff_member_are_limited_per_minute(cluster):
 # --------------------------------------------------------------------------- department clients
 
 def client_add(cluster, dept="health"):
-    client_id = "c-" + uuid.uuid4().hex[:10]
-    r = cluster.gateway.run("client", "add", "--client-id", client_id, "--dept", dept)
-    assert r.returncode == 0, (r.stdout, r.stderr)
-    fields = dict(re.findall(r"^\s+([a-z ]+):\s+(\S+)$", r.stdout, re.M))
-    assert fields["client id"] == client_id and SECRET.match(fields["client secret"]), r.stdout
-    return client_id, fields["client secret"]
+    c = harness.client_add(cluster.gateway, dept)
+    assert harness.printed_fields(c["out"])["client id"] == c["client_id"] and SECRET.match(c["secret"]), c["out"]
+    return c["client_id"], c["secret"]
 
 
 def test_client_token_gives_a_dept_token_and_the_secret_is_stored_as_sha256(cluster):

@@ -9,17 +9,11 @@ The routes: POST /v1/system/echo (public, writes nothing), /v1/health/declaratio
 /v1/onething/applications (a citizen) and /v1/health/test-results (a health-authority client, which takes bodies up
 to 8 MiB)."""
 
-import datetime
 import json
-import os
-import random
 import re
-import tempfile
-import time
 import uuid
 
 import harness
-from harness import wait_for
 
 # glibc keeps what large requests freed in per-thread arenas and lets RSS swing by ~100 MB between identical rounds;
 # one arena that gives freed memory back at once makes RSS a measure of what is still allocated (a leak shows).
@@ -29,81 +23,29 @@ TIMEOUT = 240
 
 MAX_BODY = 1 << 20  # the gateway's default max_body_bytes
 BULK_MAX_BODY = 8 << 20  # /v1/health/test-results
-WEIGHTS = [7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2]
 REGION = "530102"  # Yunnan: no other suite imports residents there
 PROTOCOLS = (("h1", False), ("h2c", False), ("h2", True))
 # Rows that a refused request must not have created.
 TABLES = ("declarations", "test_results", "applications", "application_items", "outbox", "idempotency_keys",
           "system_probes", "health_codes", "hc_recompute_queue")
 
-_rng = random.SystemRandom()
-_cache = {}
-
 
 # --------------------------------------------------------------------------- people and tokens
 
-def shared(cluster, key, make):
-    d = _cache.setdefault(cluster.tmpdir, {})
-    if key not in d:
-        d[key] = make()
-    return d[key]
-
-
-def new_id():
-    born = datetime.date(1960, 1, 1) + datetime.timedelta(days=_rng.randrange(0, 15000))
-    first17 = f"{REGION}{born:%Y%m%d}{_rng.randrange(0, 500) * 2:03d}"  # even: female
-    return first17 + "10X98765432"[sum(int(c) * w for c, w in zip(first17, WEIGHTS)) % 11], born
-
-
-def new_phone():
-    return "1" + _rng.choice("3456789") + "".join(_rng.choice("0123456789") for _ in range(9))
-
-
-def outbox_codes(cluster, phone):
-    try:
-        with open(os.path.join(cluster.gateway.env["CITYHALL_VAR"], "sms-outbox.jsonl")) as f:
-            return [m["code"] for m in map(json.loads, filter(str.strip, f)) if m.get("phone") == phone]
-    except FileNotFoundError:
-        return []
-
-
 def make_citizen(cluster):
     """A citizen logged in by SMS and bound to a resident imported for the purpose: {"token", "id_number"}."""
-    number, born = new_id()
-    fd, path = tempfile.mkstemp(suffix=".csv", dir=cluster.tmpdir)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write("id_number,name,sex,birth_date,region,address,household_id,phone\n"
-                f"{number},李边界,F,{born:%Y-%m-%d},{REGION},云南省昆明市五华区1号,,\n")
-    r = cluster.gateway.run("import", "registry", path)
-    assert r.returncode == 0, r.stdout + r.stderr
-    phone = new_phone()
-    r = cluster.gateway.request("/v1/auth/sms-code", method="POST", json={"phone": phone})
-    assert r.status == 202, r
-    code = wait_for(lambda: outbox_codes(cluster, phone), timeout=5, what="the SMS code")[-1]
-    r = cluster.gateway.request("/v1/auth/login", method="POST", json={"phone": phone, "code": code})
-    assert r.status == 200, r
-    token = r.json()["access_token"]
-    r = cluster.gateway.request("/v1/me/real-name", method="POST", json={"id_number": number, "name": "李边界"},
-                                headers={"Authorization": f"Bearer {token}"})
-    assert r.status == 200, r
+    number = harness.new_id_number(REGION, sex="F")
+    harness.import_registry(cluster.gateway, [
+        (number, "李边界", "F", harness.id_birth_date(number), REGION, "云南省昆明市五华区1号", "", "")])
+    token = harness.sms_login(cluster.gateway, harness.new_phone())["token"]
+    harness.bind_real_name(cluster.gateway, token, number, "李边界")
     return {"token": token, "id_number": number}
-
-
-def make_dept(cluster):
-    client_id = "lim-" + uuid.uuid4().hex[:10]
-    r = cluster.gateway.run("client", "add", "--client-id", client_id, "--dept", "health")
-    assert r.returncode == 0, r.stdout + r.stderr
-    secret = dict(re.findall(r"^\s+([a-z ]+):\s+(\S+)$", r.stdout, re.M))["client secret"]
-    r = cluster.gateway.request("/v1/auth/client-token", method="POST",
-                                json={"client_id": client_id, "client_secret": secret})
-    assert r.status == 200, r
-    return {"token": r.json()["access_token"]}
 
 
 def routes(cluster):
     """[(path, token or None, content-type default)] of the write routes under test."""
-    who = shared(cluster, "citizen", lambda: make_citizen(cluster))
-    dept = shared(cluster, "dept", lambda: make_dept(cluster))
+    who = harness.shared(cluster, "citizen", lambda: make_citizen(cluster))
+    dept = harness.shared(cluster, "dept", lambda: harness.client_token(cluster.gateway, "health"))
     return [("/v1/system/echo", None), ("/v1/health/declarations", who["token"]),
             ("/v1/onething/applications", who["token"]), ("/v1/health/test-results", dept["token"])]
 
@@ -123,17 +65,11 @@ def post(cluster, path, token, data, http="h2c", tls=False, content_type="applic
 
 def assert_error(resp, status, code, field=None):
     """The error shape of DESIGN.md, a short body that echoes no input, and the field named when given."""
-    assert resp.status == status, f"expected {status}, got {resp!r}"
     assert len(resp.body) < 2048, f"a {len(resp.body)}-byte error body (is the input echoed?): {resp.body[:200]!r}"
-    body = resp.json()
-    assert set(body) == {"error"}, body
-    err = body["error"]
-    assert err.get("code") == code, body
-    assert err.get("request_id") and err["request_id"] == resp.headers.get("x-request-id"), (body, resp.headers)
-    assert isinstance(err.get("message"), str) and err["message"], body
+    err = harness.assert_error(resp, status, code)
     if field is not None:
         assert field in err["message"] or any(d.get("field", "").startswith(field) for d in err.get("details", [])), \
-            f"the error does not name {field!r}: {body}"
+            f"the error does not name {field!r}: {err}"
     return err
 
 
@@ -328,7 +264,7 @@ def test_invalid_utf8_is_400_in_json_and_in_protobuf(cluster):
             assert "UTF-8" in err["message"], err
     assert counts(cluster) == before
     # in a query string and a path parameter: a 4xx, never a 500
-    who = shared(cluster, "citizen", lambda: make_citizen(cluster))
+    who = harness.shared(cluster, "citizen", lambda: make_citizen(cluster))
     auth = {"Authorization": f"Bearer {who['token']}"}
     for path in ("/v1/onething/applications?page_size=%C3%28", "/v1/onething/applications/%FF%FE",
                  "/v1/health/appeals/%ED%A0%80", "/v1/me/access-log?page_token=%FF"):
@@ -338,7 +274,7 @@ def test_invalid_utf8_is_400_in_json_and_in_protobuf(cluster):
 
 
 def test_page_size_far_over_the_cap_is_capped_and_a_non_number_is_400(cluster):
-    who = shared(cluster, "citizen", lambda: make_citizen(cluster))
+    who = harness.shared(cluster, "citizen", lambda: make_citizen(cluster))
     auth = {"Authorization": f"Bearer {who['token']}"}
     lists = ("/v1/onething/applications", "/v1/me/access-log", "/v1/health/appeals")
     for path in lists:

@@ -12,18 +12,13 @@ The demo newborn family comes from `cityhall seed` (identity's seed.c, then onet
 are imported with `cityhall import registry` in Beijing's region 110101, which the synthetic Guangdong population
 never uses, and log in by SMS code through the development outbox."""
 
-import base64
 import copy
 import datetime
-import hashlib
-import hmac
 import json
 import os
 import random
 import re
 import tempfile
-import threading
-import time
 import uuid
 
 import harness
@@ -35,7 +30,6 @@ TIMEOUT = 240
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$")
 CATALOG_FILE = os.path.join(harness.ROOT, "services", "onething", "catalog", "catalog-v1.json")
-WEIGHTS = [7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2]
 REGION = "110101"
 BIRTH_ITEMS = ["BIRTH_CERT", "HUKOU_REG", "MED_INS", "SOCIAL_CARD", "VACCINE_CERT", "MATERNITY"]
 DISPATCHED_AT_ONCE = {"BIRTH_CERT", "VACCINE_CERT", "MATERNITY"}
@@ -43,62 +37,23 @@ DISPATCHED_AT_ONCE = {"BIRTH_CERT", "VACCINE_CERT", "MATERNITY"}
 IDS = set()      # every raw ID number a test used: none may reach an error body
 PHONES = set()
 _rng = random.SystemRandom()
-_lock = threading.Lock()
-_cache = {}      # per cluster (keyed by its tmpdir): the seed's output, logged-in tokens
-
-
-def shared(cluster, key, make):
-    d = _cache.setdefault(cluster.tmpdir, {})
-    if key not in d:
-        d[key] = make()
-    return d[key]
+shared = harness.shared
 
 
 # --------------------------------------------------------------------------- people and CSV files
 
-def check_char(first17):
-    return "10X98765432"[sum(int(c) * w for c, w in zip(first17, WEIGHTS)) % 11]
-
-
-def china_today():
-    return (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=8)).date()
-
-
-def years_before(d, years):
-    try:
-        return d.replace(year=d.year - years)
-    except ValueError:
-        return d.replace(year=d.year - years, day=28)
-
-
-def new_id(birth, sex):
-    while True:
-        seq = _rng.randrange(0, 500) * 2 + (1 if sex == "M" else 0)
-        first17 = f"{REGION}{birth:%Y%m%d}{seq:03d}"
-        n = first17 + check_char(first17)
-        with _lock:
-            if n not in IDS:
-                IDS.add(n)
-                return n
+china_today = harness.china_today
+years_before = harness.years_before
 
 
 def new_phone():
-    while True:
-        p = "1" + _rng.choice("345678") + "".join(_rng.choice("0123456789") for _ in range(9))
-        with _lock:
-            if p not in PHONES:
-                PHONES.add(p)
-                return p
-
-
-SURNAMES = "赵钱孙李周吴郑王冯陈褚卫蒋沈韩杨朱秦尤许何吕施张孔曹严华金魏陶姜"
-GIVEN = "伟芳娜敏静丽强磊军洋勇艳杰娟涛明超秀霞平刚桂英华玉兰萍红"
+    return harness.new_phone(PHONES)
 
 
 def person(age_years=35, sex="F"):
     birth = years_before(china_today(), age_years) - datetime.timedelta(days=_rng.randrange(1, 300))
-    name = _rng.choice(SURNAMES) + "".join(_rng.choice(GIVEN) for _ in range(2))
-    return {"id": new_id(birth, sex), "name": name, "sex": sex, "birth": birth}
+    return {"id": harness.new_id_number(REGION, birth, sex, used=IDS), "name": harness.new_name(), "sex": sex,
+            "birth": birth}
 
 
 def write_csv(cluster, lines):
@@ -109,10 +64,8 @@ def write_csv(cluster, lines):
 
 
 def import_registry(cluster, *people):
-    lines = ["id_number,name,sex,birth_date,region,address,household_id,phone"]
-    lines += [f"{p['id']},{p['name']},{p['sex']},{p['birth']:%Y-%m-%d},{REGION},北京市东城区东华门街道1号,," for p in people]
-    r = cluster.gateway.run("import", "registry", write_csv(cluster, lines))
-    assert r.returncode == 0, r.stdout + r.stderr
+    harness.import_registry(cluster.gateway, [
+        (p["id"], p["name"], p["sex"], p["birth"], REGION, "北京市东城区东华门街道1号", "", "") for p in people])
     return people
 
 
@@ -122,53 +75,22 @@ def import_dataset(cluster, name, lines):
 
 # --------------------------------------------------------------------------- HTTP, logins
 
-def var_dir(cluster):
-    return cluster.gateway.env["CITYHALL_VAR"]
-
-
-def data_key(cluster):
-    with open(os.path.join(var_dir(cluster), "keys", "data.key")) as f:
-        raw = bytes.fromhex(f.read().strip())
-    return raw[:32], raw[32:64]
-
-
 def keyed_hash(cluster, domain, value):
-    return hmac.new(data_key(cluster)[1], domain.encode() + b"\0" + value.encode(), hashlib.sha256).hexdigest()
+    return harness.keyed_hash(cluster.gateway, domain, value)
 
 
 def unseal(cluster, hex_text):
     """Opens an AES-256-GCM value sealed with the data key (nonce || ciphertext || tag)."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
     raw = bytes.fromhex(hex_text)
-    return AESGCM(data_key(cluster)[0]).decrypt(raw[:12], raw[12:], None).decode()
-
-
-def outbox_codes(cluster, phone):
-    try:
-        with open(os.path.join(var_dir(cluster), "sms-outbox.jsonl")) as f:
-            msgs = [json.loads(line) for line in f if line.strip()]
-    except FileNotFoundError:
-        return []
-    return [m["code"] for m in msgs if m.get("phone") == phone and "code" in m]
+    return AESGCM(harness.data_key(cluster.gateway)[0]).decrypt(raw[:12], raw[12:], None).decode()
 
 
 def login(cluster, phone=None):
-    """SMS login (limits of earlier logins lifted); returns {"phone", "token", "citizen_id"}."""
+    """SMS login (limits of earlier logins lifted): the TokenResponse with "phone" and "token"."""
     phone = phone or new_phone()
     PHONES.add(phone)
-    keys = [k for k in cluster.redis.cli("--scan", "--pattern", "id:ip:*").split() if k]
-    keys += [k for k in cluster.redis.cli("--scan", "--pattern", f"id:{{{keyed_hash(cluster, 'phone', phone)}}}:*")
-             .split() if k]
-    if keys:
-        cluster.redis.cli("DEL", *keys)
-    before = len(outbox_codes(cluster, phone))
-    r = cluster.gateway.request("/v1/auth/sms-code", method="POST", json={"phone": phone})
-    assert r.status == 202, r
-    codes = wait_for(lambda: outbox_codes(cluster, phone)[before:], timeout=5, what="the SMS code")
-    r = cluster.gateway.request("/v1/auth/login", method="POST", json={"phone": phone, "code": codes[-1]})
-    assert r.status == 200, r
-    body = r.json()
-    return {"phone": phone, "token": body["access_token"], "citizen_id": body["citizen_id"]}
+    return harness.sms_login(cluster.gateway, phone)
 
 
 def call(cluster, who, path, method="GET", body=None, headers=None, http="h2c"):
@@ -178,17 +100,7 @@ def call(cluster, who, path, method="GET", body=None, headers=None, http="h2c"):
 
 
 def assert_error(resp, status, code, message=None):
-    assert resp.status == status, f"expected {status}, got {resp!r}"
-    body = resp.json()
-    assert set(body) == {"error"}, body
-    err = body["error"]
-    assert err.get("code") == code, body
-    assert err.get("request_id") == resp.headers.get("x-request-id"), (body, resp.headers)
-    if message is not None:
-        assert message in err.get("message", ""), body
-    for raw in IDS:
-        assert raw not in resp.text, f"a raw ID number in an error body: {body}"
-    return err
+    return harness.assert_error(resp, status, code, message, hidden=IDS)
 
 
 def psql(cluster, sql):
@@ -231,8 +143,7 @@ def verified(cluster, p):
     """A new account bound to registry resident p (imported first)."""
     import_registry(cluster, p)
     who = login(cluster)
-    r = call(cluster, who, "/v1/me/real-name", "POST", {"id_number": p["id"], "name": p["name"]})
-    assert r.status == 200, r
+    harness.bind_real_name(cluster.gateway, who["token"], p["id"], p["name"])
     return dict(who, person=p)
 
 
@@ -240,26 +151,8 @@ def other_citizen(cluster):
     return shared(cluster, "other", lambda: verified(cluster, person(30, "F")))
 
 
-def totp(secret_b32, at=None):
-    import struct
-    key = base64.b32decode(secret_b32 + "=" * (-len(secret_b32) % 8))
-    counter = int((time.time() if at is None else at) // 30)
-    mac = hmac.new(key, struct.pack(">Q", counter), hashlib.sha1).digest()
-    off = mac[-1] & 15
-    return "%06d" % ((struct.unpack(">I", mac[off:off + 4])[0] & 0x7FFFFFFF) % 1000000)
-
-
 def staff_token(cluster, dept="police-hukou"):
-    username = "ot" + uuid.uuid4().hex[:10]
-    r = cluster.gateway.run("staff", "add", "--username", username, "--dept", dept, "--hall", "tianhe-hall")
-    assert r.returncode == 0, r.stdout + r.stderr
-    fields = dict(re.findall(r"^\s+([a-z ]+):\s+(\S+)$", r.stdout, re.M))
-    r = cluster.gateway.request("/v1/staff/login", method="POST",
-                                json={"username": username, "password": fields["password"],
-                                      "totp": totp(fields["totp secret"])})
-    assert r.status == 200, r
-    staff_id = psql(cluster, f"SELECT staff_id FROM staff_accounts WHERE username = '{username}'")
-    return {"token": r.json()["access_token"], "staff_id": staff_id}
+    return harness.staff_token(cluster.gateway, dept)
 
 
 # --------------------------------------------------------------------------- forms and submissions

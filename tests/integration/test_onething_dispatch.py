@@ -194,15 +194,7 @@ def call(cluster, token, path, method="GET", body=None, headers=None, **kw):
 
 
 def assert_error(resp, status, code, message=None):
-    assert resp.status == status, f"expected {status}, got {resp!r}"
-    body = resp.json()
-    assert set(body) == {"error"}, body
-    assert body["error"]["code"] == code, body
-    if message is not None:
-        assert message in body["error"]["message"], body
-    for n in ID_NUMBERS:
-        assert n not in resp.text, "an ID number in an error body"
-    return body["error"]
+    return harness.assert_error(resp, status, code, message, hidden=ID_NUMBERS)
 
 
 def callback(cluster, dept, body, secret=None, t=None, raw=None):
@@ -242,41 +234,8 @@ def dispatch_key(cluster, item_id):
 
 # --------------------------------------------------------------------------- helpers: people
 
-def check_char(first17):
-    weights = [7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2]
-    return "10X98765432"[sum(int(d) * w for d, w in zip(first17, weights)) % 11]
-
-
-def new_id(birth, sex):
-    while True:
-        seq = _rng.randrange(0, 500) * 2 + (1 if sex == "M" else 0)
-        first17 = f"440106{birth:%Y%m%d}{seq:03d}"
-        n = first17 + check_char(first17)
-        if n not in ID_NUMBERS:
-            ID_NUMBERS.add(n)
-            return n
-
-
 def new_phone():
-    while True:
-        p = "1" + _rng.choice("3456789") + "".join(_rng.choice("0123456789") for _ in range(9))
-        if p not in PHONES:
-            PHONES.add(p)
-            return p
-
-
-SURNAMES = "赵钱孙李周吴郑王冯陈褚卫蒋沈韩杨朱秦尤许何吕施张孔曹严华金魏陶姜"
-GIVEN = "伟芳娜敏静丽强磊军洋勇艳杰娟涛明超秀霞平刚桂英华玉兰萍红"
-
-
-def new_name():
-    return _rng.choice(SURNAMES) + "".join(_rng.choice(GIVEN) for _ in range(2))
-
-
-def data_key(cluster):
-    with open(os.path.join(var_dir(cluster), "keys", "data.key")) as f:
-        raw = bytes.fromhex(f.read().strip())
-    return raw[:32], raw[32:64]
+    return harness.new_phone(PHONES)
 
 
 def aesgcm():
@@ -289,32 +248,18 @@ def aesgcm():
 
 def seal(cluster, plain):
     """ch_pii_encrypt: nonce || ciphertext || tag with the data key."""
-    key, _ = data_key(cluster)
+    key, _ = harness.data_key(cluster.gateway)
     nonce = os.urandom(12)
     return nonce + aesgcm()(key).encrypt(nonce, plain, None)
 
 
-def id_hmac(cluster, number):
-    _, mac = data_key(cluster)
-    return hmac.new(mac, b"id\0" + number.encode(), hashlib.sha256).hexdigest()
-
-
 def add_resident(cluster, name, sex, birth):
-    number = new_id(birth, sex)
+    number = harness.new_id_number("440106", birth, sex, used=ID_NUMBERS)
     psql(cluster, "INSERT INTO registry_residents (id_hmac, id_enc, id_masked, name, sex, birth_date, region, address) "
-                  f"VALUES (decode('{id_hmac(cluster, number)}', 'hex'), decode('{seal(cluster, number.encode()).hex()}', "
+                  f"VALUES (decode('{harness.id_hmac(cluster.gateway, number)}', 'hex'), decode('{seal(cluster, number.encode()).hex()}', "
                   f"'hex'), '{number[:4]}**********{number[-4:]}', '{name}', '{sex}', '{birth:%Y-%m-%d}', '440106', "
                   "'广州市天河区天河路1号')")
     return number
-
-
-def outbox_codes(cluster, phone):
-    try:
-        with open(os.path.join(var_dir(cluster), "sms-outbox.jsonl")) as f:
-            msgs = [json.loads(line) for line in f if line.strip()]
-    except FileNotFoundError:
-        return []
-    return [m["code"] for m in msgs if m.get("phone") == phone and "code" in m]
 
 
 def sms_texts(cluster, phone):
@@ -327,34 +272,24 @@ def sms_texts(cluster, phone):
 
 
 def login(cluster, phone):
-    keys = [k for k in cluster.redis.cli("--scan", "--pattern", "id:ip:*").split() if k]
-    if keys:
-        cluster.redis.cli("DEL", *keys)
-    before = len(outbox_codes(cluster, phone))
-    r = cluster.gateway.request("/v1/auth/sms-code", method="POST", json={"phone": phone})
-    assert r.status == 202, r
-    codes = wait_for(lambda: outbox_codes(cluster, phone)[before:], timeout=5, what="the SMS code")
-    r = cluster.gateway.request("/v1/auth/login", method="POST", json={"phone": phone, "code": codes[-1]})
-    assert r.status == 200, r
-    return r.json()
+    return harness.sms_login(cluster.gateway, phone)
 
 
 def family(cluster):
     """A mother (logged in, real name bound), a father, a newborn with a hospital birth record."""
     today = datetime.date.today()
-    mother = {"name": new_name(), "birth": datetime.date(1993, 5, 17), "phone": new_phone()}
-    father = {"name": new_name(), "birth": datetime.date(1991, 2, 3)}
+    mother = {"name": harness.new_name(), "birth": datetime.date(1993, 5, 17), "phone": new_phone()}
+    father = {"name": harness.new_name(), "birth": datetime.date(1991, 2, 3)}
     mother["id"] = add_resident(cluster, mother["name"], "F", mother["birth"])
     father["id"] = add_resident(cluster, father["name"], "M", father["birth"])
-    child = {"name": mother["name"][0] + "小" + _rng.choice(GIVEN), "sex": "M",
+    child = {"name": mother["name"][0] + "小" + harness.new_name(2)[1:], "sex": "M",
              "birth": today - datetime.timedelta(days=10), "cert": "P%09d" % _rng.randrange(10 ** 9)}
     psql(cluster, "INSERT INTO birth_records (cert_no, child_name, child_sex, child_birth_date, hospital, mother_id_hmac, "
                   f"father_id_hmac) VALUES ('{child['cert']}', '{child['name']}', 'M', '{child['birth']:%Y-%m-%d}', "
-                  f"'广州市妇女儿童医疗中心', decode('{id_hmac(cluster, mother['id'])}', 'hex'), "
-                  f"decode('{id_hmac(cluster, father['id'])}', 'hex'))")
+                  f"'广州市妇女儿童医疗中心', decode('{harness.id_hmac(cluster.gateway, mother['id'])}', 'hex'), "
+                  f"decode('{harness.id_hmac(cluster.gateway, father['id'])}', 'hex'))")
     tok = login(cluster, mother["phone"])
-    r = call(cluster, tok["access_token"], "/v1/me/real-name", "POST", {"id_number": mother["id"], "name": mother["name"]})
-    assert r.status == 200, r
+    harness.bind_real_name(cluster.gateway, tok["token"], mother["id"], mother["name"])
     return {"mother": mother, "father": father, "child": child, "token": tok["access_token"],
             "citizen_id": tok["citizen_id"]}
 
@@ -385,35 +320,12 @@ def submit(cluster, fam):
 
 # --------------------------------------------------------------------------- helpers: staff
 
-def b32(raw):
-    return base64.b32encode(raw).decode().rstrip("=")
-
-
-def totp(secret_b32, step=0):
-    import struct
-    key = base64.b32decode(secret_b32 + "=" * (-len(secret_b32) % 8))
-    counter = int(time.time() // 30) + step
-    mac = hmac.new(key, struct.pack(">Q", counter), hashlib.sha1).digest()
-    off = mac[-1] & 15
-    return "%06d" % ((struct.unpack(">I", mac[off:off + 4])[0] & 0x7FFFFFFF) % 1000000)
-
-
 def staff(cluster, dept):
     """A staff member of `dept` (cityhall staff add), logged in; cached per department. Returns the token."""
-    st = state(cluster)
-    cached = st.setdefault("staff", {}).get(dept)
-    if cached:
-        return cached
-    username = "t" + uuid.uuid4().hex[:12]
-    r = cluster.gateway.run("staff", "add", "--username", username, "--dept", dept, "--hall", "tianhe-hall")
-    assert r.returncode == 0, r.stdout + r.stderr
-    fields = dict(re.findall(r"^\s+([a-z ]+):\s+(\S+)$", r.stdout, re.M))
-    r = cluster.gateway.request("/v1/staff/login", method="POST",
-                                json={"username": username, "password": fields["password"],
-                                      "totp": totp(fields["totp secret"])})
-    assert r.status == 200, r
-    st["staff"][dept] = r.json()["access_token"]
-    return st["staff"][dept]
+    st = state(cluster).setdefault("staff", {})
+    if dept not in st:
+        st[dept] = harness.staff_token(cluster.gateway, dept)["token"]
+    return st[dept]
 
 
 def tasks(cluster, dept, query=""):

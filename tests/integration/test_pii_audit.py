@@ -17,11 +17,8 @@ import http.server
 import json
 import os
 import random
-import re
 import socket
 import socketserver
-import struct
-import tempfile
 import threading
 import time
 import uuid
@@ -34,7 +31,6 @@ TIMEOUT = 240
 
 REGION = "440106"
 ADDRESS = "广州市天河区天河路1号"
-WEIGHTS = [7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2]
 # Columns allowed to hold a raw ID or phone number. None: the registry and the department datasets keep keyed
 # hashes and sealed values only (sql/migrations/0003 and 0008); add a column here only with a reason.
 ALLOWED_COLUMNS = set()
@@ -45,50 +41,16 @@ _runs = {}  # cluster tmpdir -> what the flows used
 
 # --------------------------------------------------------------------------- people
 
-def new_id(birth, sex):
-    seq = _rng.randrange(0, 500) * 2 + (1 if sex == "M" else 0)
-    first17 = f"{REGION}{birth:%Y%m%d}{seq:03d}"
-    return first17 + "10X98765432"[sum(int(c) * w for c, w in zip(first17, WEIGHTS)) % 11]
-
-
-def new_phone():
-    return "1" + _rng.choice("3456789") + "".join(_rng.choice("0123456789") for _ in range(9))
-
-
 def person(name, sex, birth, phone=""):
-    return {"name": name, "sex": sex, "birth": birth, "id": new_id(birth, sex), "phone": phone}
+    return {"name": name, "sex": sex, "birth": birth, "id": harness.new_id_number(REGION, birth, sex), "phone": phone}
 
 
 def import_registry(cluster, people):
-    fd, path = tempfile.mkstemp(suffix=".csv", dir=cluster.tmpdir)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write("id_number,name,sex,birth_date,region,address,household_id,phone\n")
-        for p in people:
-            f.write(f"{p['id']},{p['name']},{p['sex']},{p['birth']:%Y-%m-%d},{REGION},{ADDRESS},,{p['phone']}\n")
-    r = cluster.gateway.run("import", "registry", path)
-    os.unlink(path)
-    assert r.returncode == 0, r.stdout + r.stderr
-
-
-def data_key(cluster):
-    with open(os.path.join(cluster.gateway.env["CITYHALL_VAR"], "keys", "data.key")) as f:
-        raw = bytes.fromhex(f.read().strip())
-    return raw[:32], raw[32:64]
-
-
-def id_hmac(cluster, number):
-    return hmac.new(data_key(cluster)[1], b"id\0" + number.encode(), hashlib.sha256).hexdigest()
+    harness.import_registry(cluster.gateway, [
+        (p["id"], p["name"], p["sex"], p["birth"], REGION, ADDRESS, "", p["phone"]) for p in people])
 
 
 # --------------------------------------------------------------------------- HTTP
-
-def outbox_codes(cluster, phone):
-    try:
-        with open(os.path.join(cluster.gateway.env["CITYHALL_VAR"], "sms-outbox.jsonl")) as f:
-            return [m["code"] for m in map(json.loads, filter(str.strip, f)) if m.get("phone") == phone and "code" in m]
-    except FileNotFoundError:
-        return []
-
 
 def call(cluster, token, path, method="GET", body=None, headers=None, expect=None):
     h = {"Authorization": f"Bearer {token}"} if token else {}
@@ -100,39 +62,15 @@ def call(cluster, token, path, method="GET", body=None, headers=None, expect=Non
 
 
 def sms_login(cluster, phone):
-    keys = [k for k in cluster.redis.cli("--scan", "--pattern", "id:ip:*").split() if k]
-    if keys:
-        cluster.redis.cli("DEL", *keys)
-    before = len(outbox_codes(cluster, phone))
-    call(cluster, None, "/v1/auth/sms-code", "POST", {"phone": phone}, expect=202)
-    code = wait_for(lambda: outbox_codes(cluster, phone)[before:], timeout=5, what="the SMS code")[-1]
-    return call(cluster, None, "/v1/auth/login", "POST", {"phone": phone, "code": code}, expect=200).json()
-
-
-def totp(secret_b32):
-    key = base64.b32decode(secret_b32 + "=" * (-len(secret_b32) % 8))
-    mac = hmac.new(key, struct.pack(">Q", int(time.time() // 30)), hashlib.sha1).digest()
-    off = mac[-1] & 15
-    return "%06d" % ((struct.unpack(">I", mac[off:off + 4])[0] & 0x7FFFFFFF) % 1000000)
+    return harness.sms_login(cluster.gateway, phone)
 
 
 def staff_login(cluster, dept):
-    username = "pii" + uuid.uuid4().hex[:10]
-    r = cluster.gateway.run("staff", "add", "--username", username, "--dept", dept, "--hall", "tianhe-hall")
-    assert r.returncode == 0, r.stdout + r.stderr
-    fields = dict(re.findall(r"^\s+([a-z ]+):\s+(\S+)$", r.stdout, re.M))
-    return call(cluster, None, "/v1/staff/login", "POST", {"username": username, "password": fields["password"],
-                                                          "totp": totp(fields["totp secret"])},
-                expect=200).json()["access_token"]
+    return harness.staff_token(cluster.gateway, dept)["token"]
 
 
 def dept_login(cluster, dept):
-    client_id = "pii-" + uuid.uuid4().hex[:10]
-    r = cluster.gateway.run("client", "add", "--client-id", client_id, "--dept", dept)
-    assert r.returncode == 0, r.stdout + r.stderr
-    secret = dict(re.findall(r"^\s+([a-z ]+):\s+(\S+)$", r.stdout, re.M))["client secret"]
-    return call(cluster, None, "/v1/auth/client-token", "POST", {"client_id": client_id, "client_secret": secret},
-                expect=200).json()["access_token"]
+    return harness.client_token(cluster.gateway, dept)["token"]
 
 
 class Department:
@@ -213,19 +151,19 @@ def wait_item(cluster, item_id, want):
 
 def run_flows(cluster):
     today = datetime.date.today()
-    mother = person("陈晓燕", "F", datetime.date(1992, 4, 11), new_phone())
-    father = person("林国栋", "M", datetime.date(1990, 8, 2), new_phone())
+    mother = person("陈晓燕", "F", datetime.date(1992, 4, 11), harness.new_phone())
+    father = person("林国栋", "M", datetime.date(1990, 8, 2), harness.new_phone())
     kid = person("林小雨", "F", today - datetime.timedelta(days=9 * 365))
-    elder = person("王秀英", "F", datetime.date(1948, 3, 9), new_phone())      # has no phone account
+    elder = person("王秀英", "F", datetime.date(1948, 3, 9), harness.new_phone())      # has no phone account
     other = person("黄志明", "M", datetime.date(1985, 12, 30))
-    other["phone"] = new_phone()                                              # an account, not in the registry
+    other["phone"] = harness.new_phone()                                              # an account, not in the registry
     people = [mother, father, kid, elder, other]
     import_registry(cluster, [mother, father, kid, elder, dict(other, phone="")])
     child = {"name": "林小宝", "birth": today - datetime.timedelta(days=12), "cert": "P%09d" % _rng.randrange(10 ** 9)}
     cluster.pg.psql("INSERT INTO birth_records (cert_no, child_name, child_sex, child_birth_date, hospital, "
                     f"mother_id_hmac, father_id_hmac) VALUES ('{child['cert']}', '{child['name']}', 'M', "
-                    f"'{child['birth']:%Y-%m-%d}', '广州市妇女儿童医疗中心', decode('{id_hmac(cluster, mother['id'])}', "
-                    f"'hex'), decode('{id_hmac(cluster, father['id'])}', 'hex'))")
+                    f"'{child['birth']:%Y-%m-%d}', '广州市妇女儿童医疗中心', decode('{harness.id_hmac(cluster.gateway, mother['id'])}', "
+                    f"'hex'), decode('{harness.id_hmac(cluster.gateway, father['id'])}', 'hex'))")
 
     # identity: SMS login, real name, dependents, sessions, refresh
     m = sms_login(cluster, mother["phone"])
@@ -348,7 +286,7 @@ def run_flows(cluster):
              timeout=10, what="the department's read in the access log")
     call(cluster, tok, "/v1/me/access-log", expect=200)
     # refusals, which must not log or store what they refused either
-    stranger = person("赵无名", "M", datetime.date(1979, 6, 1), new_phone())
+    stranger = person("赵无名", "M", datetime.date(1979, 6, 1), harness.new_phone())
     people.append(stranger)
     call(cluster, other_tok, "/v1/me/real-name", "POST", {"id_number": stranger["id"], "name": "赵无名"})
     call(cluster, tok, "/v1/me/dependents", "POST", {"id_number": stranger["id"], "name": "赵无名", "relation": "child"})
