@@ -234,6 +234,20 @@ void fz_edit(ch_buf_t *b, unsigned op, unsigned pos, unsigned byte)
     }
 }
 
+void fz_check_edits(fz_input_t *in, const ch_buf_t *genuine, int (*verify)(const char *token, size_t len))
+{
+    ch_buf_t m = {0};
+    ch_buf_append(&m, genuine->base, genuine->len);
+    while (in->n >= 4) {
+        unsigned op = fz_byte(in), pos = fz_byte(in) | fz_byte(in) << 8, b = fz_byte(in);
+        fz_edit(&m, op, pos, b);
+    }
+    int same = m.len == genuine->len && memcmp(m.base, genuine->base, m.len) == 0;
+    if (verify(m.base, m.len) != same)
+        fz_fail(same ? "a genuine token was refused" : "an edited token was accepted", m.base, m.len);
+    ch_buf_free(&m);
+}
+
 void fz_part(fz_input_t *in, uint8_t sep, const uint8_t **part, size_t *len)
 {
     const uint8_t *end = memchr(in->p, sep, in->n);

@@ -41,6 +41,8 @@ typedef struct fz_input {
 unsigned fz_byte(fz_input_t *in);
 /** One edit of `b` by `op` (mod 3: overwrite, insert, delete) at `pos` (mod the length); keeps a NUL at the end. */
 void fz_edit(ch_buf_t *b, unsigned op, unsigned pos, unsigned byte);
+/** Applies the input's edits (4 bytes each) to a copy of `genuine`: `verify` must accept it exactly when unchanged. */
+void fz_check_edits(fz_input_t *in, const ch_buf_t *genuine, int (*verify)(const char *token, size_t len));
 /** Up to the next `sep` byte (dropped) or the end. */
 void fz_part(fz_input_t *in, uint8_t sep, const uint8_t **part, size_t *len);
 
