@@ -162,6 +162,15 @@ def _send(sock, data):
         return False
 
 
+def _run_workers(worker, conns, seconds):
+    """Runs worker(k) for k in range(conns) on threads and waits for them (each bounded by the attack's seconds)."""
+    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(conns)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(seconds + 5)
+
+
 def rapid_reset(target, streams=20000, seconds=5.0, path="/v1/system/ping", batch=100, conns=1):
     """CVE-2023-44487: HEADERS (END_STREAM) immediately followed by RST_STREAM(CANCEL), in batches, without
     waiting for anything; a connection the server ends is replaced. Stops after `streams` or `seconds`."""
@@ -212,11 +221,7 @@ def rapid_reset(target, streams=20000, seconds=5.0, path="/v1/system/ping", batc
                 out["goaways"] += reader.goaway
                 out["responses"] += reader.responses
 
-    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(conns)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(seconds + 5)
+    _run_workers(worker, conns, seconds)
     return out
 
 
@@ -261,11 +266,7 @@ def continuation_flood(target, frames=10 ** 7, seconds=5.0, conns=4, size=0):
             if ended:
                 out["ended_after"].append(round(min(ended), 2))
 
-    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(conns)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(seconds + 5)
+    _run_workers(worker, conns, seconds)
     return out
 
 
