@@ -677,6 +677,45 @@ int ch_call_work(ch_call_t *call, ch_work_fn work, ch_call_work_cb done, const v
     return ret;
 }
 
+/* Parses an IPv4 or IPv6 address (text of `n` bytes) into `bin` (16 bytes, family-tagged). Returns 0 if it is one. */
+static int addr_parse(const char *text, size_t n, unsigned char bin[17])
+{
+    char buf[INET6_ADDRSTRLEN];
+    if (n == 0 || n >= sizeof(buf))
+        return -1;
+    memcpy(buf, text, n);
+    buf[n] = '\0';
+    memset(bin, 0, 17);
+    if (inet_pton(AF_INET, buf, bin + 1) == 1) {
+        bin[0] = 4;
+        return 0;
+    }
+    if (inet_pton(AF_INET6, buf, bin + 1) == 1) {
+        bin[0] = 6;
+        return 0;
+    }
+    return -1;
+}
+
+/* The address is one of trusted_proxies (config.c checked that every entry parses). */
+static int proxy_trusted(const unsigned char bin[17])
+{
+    const char *p = ch_config()->trusted_proxies;
+    while (*p != '\0') {
+        size_t n = strcspn(p, ",");
+        unsigned char t[17];
+        if (addr_parse(p, n, t) == 0 && memcmp(t, bin, 17) == 0)
+            return 1;
+        p += n + (p[n] == ',');
+    }
+    return 0;
+}
+
+/*
+ * The client's address: the TCP peer, or, when the peer is a trusted proxy (the edge), the address the edge
+ * appended to the last X-Forwarded-For header, read from the right past any further trusted proxies. What a client
+ * wrote into the header itself is never believed: it is to the left of what the edge appended.
+ */
 const char *ch_call_peer(ch_call_t *call)
 {
     struct sockaddr_storage ss;
@@ -688,6 +727,34 @@ const char *ch_call_peer(ch_call_t *call)
             inet_ntop(AF_INET, &((struct sockaddr_in *)&ss)->sin_addr, out, INET6_ADDRSTRLEN);
         else if (ss.ss_family == AF_INET6)
             inet_ntop(AF_INET6, &((struct sockaddr_in6 *)&ss)->sin6_addr, out, INET6_ADDRSTRLEN);
+    }
+    unsigned char bin[17];
+    if (ch_config()->trusted_proxies[0] == '\0' || addr_parse(out, strlen(out), bin) != 0 || !proxy_trusted(bin))
+        return out;
+    ssize_t i = -1, last = -1;
+    while ((i = h2o_find_header(&call->req->headers, H2O_TOKEN_X_FORWARDED_FOR, i)) != -1)
+        last = i;
+    if (last == -1)
+        return out;
+    const h2o_iovec_t *v = &call->req->headers.entries[last].value;
+    size_t end = v->len;
+    while (end > 0) {
+        size_t start = end;
+        while (start > 0 && v->base[start - 1] != ',')
+            --start;
+        size_t a = start, b = end;
+        while (a < b && (v->base[a] == ' ' || v->base[a] == '\t'))
+            ++a;
+        while (b > a && (v->base[b - 1] == ' ' || v->base[b - 1] == '\t'))
+            --b;
+        if (addr_parse(v->base + a, b - a, bin) != 0)
+            return out; /* not an address: keep the proxy's own */
+        if (!proxy_trusted(bin)) {
+            memcpy(out, v->base + a, b - a);
+            out[b - a] = '\0';
+            return out;
+        }
+        end = start > 0 ? start - 1 : 0;
     }
     return out;
 }

@@ -1,7 +1,9 @@
 /* Gateway configuration: defaults, a `key = value` file, then CITYHALL_* environment overrides. */
+#include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
 #include <limits.h>
+#include <netinet/in.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -50,6 +52,7 @@ static const ch_config_key_t keys[] = {
     KEY_UINT(max_connections_per_ip, 0, 1000000),
     KEY_UINT(max_requests_per_connection, 0, 1000000000),
     KEY_UINT(workers, 1, 64),
+    KEY_STR(trusted_proxies),
 };
 
 void ch_config_defaults(ch_config_t *cfg)
@@ -180,6 +183,29 @@ static int load_file(ch_config_t *cfg, const char *path, char *err, size_t errle
     return ret;
 }
 
+/* trusted_proxies: IPv4 or IPv6 addresses, comma-separated (no ranges: the edge's own addresses). */
+static int trusted_proxies_check(const char *list, char *err, size_t errlen)
+{
+    const char *p = list;
+    while (*p != '\0') {
+        size_t n = strcspn(p, ",");
+        char addr[INET6_ADDRSTRLEN];
+        unsigned char bin[sizeof(struct in6_addr)];
+        if (n == 0 || n >= sizeof(addr) || (p[n] == ',' && p[n + 1] == '\0')) {
+            set_err(err, errlen, "trusted_proxies: expected comma-separated IP addresses");
+            return CH_EINVAL;
+        }
+        memcpy(addr, p, n);
+        addr[n] = '\0';
+        if (inet_pton(AF_INET, addr, bin) != 1 && inet_pton(AF_INET6, addr, bin) != 1) {
+            set_err(err, errlen, "trusted_proxies: %s is not an IP address", addr);
+            return CH_EINVAL;
+        }
+        p += n + (p[n] == ',');
+    }
+    return 0;
+}
+
 int ch_config_load(ch_config_t *cfg, const char *path, char *err, size_t errlen)
 {
     if (path != NULL && load_file(cfg, path, err, errlen) != 0)
@@ -207,5 +233,5 @@ int ch_config_load(ch_config_t *cfg, const char *path, char *err, size_t errlen)
         set_err(err, errlen, "no listener: https_port and http_port are both 0");
         return CH_EINVAL;
     }
-    return 0;
+    return trusted_proxies_check(cfg->trusted_proxies, err, errlen);
 }

@@ -20,7 +20,8 @@ import uuid
 import harness
 from harness import curl_async, pb_decode, pb_encode, wait_for
 
-CLUSTER = {"threads": 2}
+# the edge (ops/haproxy) connects from loopback: requests from 127.0.0.1 are attributed to X-Forwarded-For
+CLUSTER = {"threads": 2, "env": {"CITYHALL_TRUSTED_PROXIES": "127.0.0.1"}}
 
 PB = "application/x-protobuf"
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
@@ -323,6 +324,48 @@ def test_twenty_first_code_from_one_address_is_429_until_the_window_ends(cluster
     expire_now(cluster, ip_key(cluster))
     assert send_code(cluster, phone, fresh_ip=False).status == 202
     assert len(codes_for(cluster, phone)) == 1
+
+
+def ip_sends(cluster, ip):
+    return int(cluster.redis.cli("GET", ip_key(cluster, ip)) or 0)
+
+
+def test_behind_the_trusted_edge_each_client_address_has_its_own_window(cluster):
+    edge = "127.0.0.1"
+    a, b, spoofed = "198.51.100.7", "198.51.100.8", "203.0.113.9"
+    for ip in (edge, a, b):
+        if cluster.redis.cli("EXISTS", ip_key(cluster, ip)) == "1":
+            expire_now(cluster, ip_key(cluster, ip))
+    xff = lambda v: {"X-Forwarded-For": v}  # noqa: E731
+    for i in range(20):
+        assert send_code(cluster, new_phone(), fresh_ip=False, headers=xff(a)).status == 202, i
+    assert ip_sends(cluster, a) == 20 and ip_sends(cluster, edge) == 0
+    # the address the edge appended is the right-most one: what the client wrote to its left is not believed
+    r = send_code(cluster, new_phone(), fresh_ip=False, headers=xff(f"{spoofed}, {a}"))
+    assert_error(r, 429, "RESOURCE_EXHAUSTED", "from this address")
+    assert cluster.redis.cli("EXISTS", ip_key(cluster, spoofed)) == "0"
+    assert send_code(cluster, new_phone(), fresh_ip=False, headers=xff(b)).status == 202
+    assert ip_sends(cluster, b) == 1
+    # no header, or one that is not an address: the edge's own address
+    assert send_code(cluster, new_phone(), fresh_ip=False, headers=xff("unknown")).status == 202
+    assert send_code(cluster, new_phone(), fresh_ip=False).status == 202
+    assert ip_sends(cluster, edge) == 2
+
+
+def test_x_forwarded_for_from_an_untrusted_peer_is_ignored(cluster):
+    import http.client
+    src = "127.0.0.2"  # not among trusted_proxies
+    if cluster.redis.cli("EXISTS", ip_key(cluster, src)) == "1":
+        expire_now(cluster, ip_key(cluster, src))
+    conn = http.client.HTTPConnection("127.0.0.1", cluster.gateway.http_port, timeout=10, source_address=(src, 0))
+    try:
+        conn.request("POST", "/v1/auth/sms-code", body=json.dumps({"phone": new_phone()}),
+                     headers={"Content-Type": "application/json", "X-Forwarded-For": "198.51.100.99"})
+        assert conn.getresponse().status == 202
+    finally:
+        conn.close()
+    assert ip_sends(cluster, src) == 1
+    assert cluster.redis.cli("EXISTS", ip_key(cluster, "198.51.100.99")) == "0"
 
 
 def test_failed_delivery_is_503_and_does_not_charge_the_minute(cluster):

@@ -91,5 +91,22 @@ int main(void)
            "disabling both listeners is refused");
     unsetenv("CITYHALL_HTTP_PORT");
     unsetenv("CITYHALL_HTTPS_PORT");
+
+    path = write_tmp("trusted_proxies = 127.0.0.1,::1,10.0.0.7\n");
+    ch_config_defaults(&cfg);
+    tap_ok(ch_config_load(&cfg, path, err, sizeof(err)) == 0, "trusted_proxies takes IPv4 and IPv6 addresses");
+    unlink(path);
+
+    path = write_tmp("trusted_proxies = 127.0.0.1,10.0.0.0/8\n");
+    ch_config_defaults(&cfg);
+    tap_ok(ch_config_load(&cfg, path, err, sizeof(err)) != 0 && strstr(err, "10.0.0.0/8 is not an IP address"),
+           "trusted_proxies refuses what is not an address (ranges included)");
+    unlink(path);
+
+    path = write_tmp("trusted_proxies = 127.0.0.1,\n");
+    ch_config_defaults(&cfg);
+    tap_ok(ch_config_load(&cfg, path, err, sizeof(err)) != 0 && strstr(err, "trusted_proxies"),
+           "trusted_proxies refuses an empty entry");
+    unlink(path);
     return tap_done();
 }

@@ -32,6 +32,10 @@ typedef struct ch_config {
     unsigned max_connections;             /* open per thread; newer ones are closed at accept */
     unsigned max_connections_per_ip;      /* open per client address over all threads; 0: no cap */
     unsigned max_requests_per_connection; /* HTTP/2 streams before GOAWAY; 0: no budget */
+
+    /* comma-separated addresses of the edge (ops/haproxy): a request from one of them is attributed to the client
+       address the edge appended to X-Forwarded-For (per-address limits); empty: nobody is trusted */
+    char trusted_proxies[256];
 } ch_config_t;
 
 /** The running server's configuration (valid in handlers and module init). */
