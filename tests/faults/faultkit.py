@@ -496,22 +496,22 @@ def fault_redis_kill(cluster, p, note):
     return time.monotonic()
 
 
-def fault_pg_sigstop(cluster, p, note):
-    cluster.pg.pause()
+def _frozen(server, seconds):
+    """SIGSTOPs the server for `seconds`, then SIGCONT; returns the moment it runs again."""
+    server.pause()
     try:
-        time.sleep(p.pause_s)
+        time.sleep(seconds)
     finally:
-        cluster.pg.resume()
+        server.resume()
     return time.monotonic()
+
+
+def fault_pg_sigstop(cluster, p, note):
+    return _frozen(cluster.pg, p.pause_s)
 
 
 def fault_redis_sigstop(cluster, p, note):
-    cluster.redis.pause()
-    try:
-        time.sleep(p.pause_s)
-    finally:
-        cluster.redis.resume()
-    return time.monotonic()
+    return _frozen(cluster.redis, p.pause_s)
 
 
 def fault_cut(cluster, p, note):
