@@ -23,7 +23,6 @@ submission latency. Dispatch lag: for every outbox row the throughput run create
 drained the backlog; a row not delivered within 30 s counts as a problem.
 """
 
-import base64
 import datetime
 import glob
 import hashlib
@@ -31,47 +30,17 @@ import hmac
 import json
 import os
 import random
-import re
-import subprocess
 import tempfile
 import time
+
+import h2load_kit as kit
 import uuid
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 _prepared = {}  # cluster tmpdir -> [family]
 BIRTH_DEPTS = ("health", "police-hukou", "medical-insurance", "hrss")
 LAG_TARGET_MS = 1000
 DRAIN_S = 30
 _rng = random.Random(20261128)
-
-
-def _b64(b):
-    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
-
-
-def _der_to_raw(der):
-    """ECDSA-Sig-Value (SEQUENCE { INTEGER r, INTEGER s }) to 64 bytes r || s."""
-    i = 2 if der[1] < 0x80 else 2 + (der[1] & 0x7F)
-    out = b""
-    for _ in range(2):
-        n = der[i + 1]
-        out += der[i + 2:i + 2 + n].lstrip(b"\0").rjust(32, b"\0")
-        i += 2 + n
-    return out
-
-
-def _mint(var_dir, citizen_id, ttl=3600):
-    """An access token for `citizen_id`, signed with the gateway's newest access key (as a login would issue)."""
-    ring = os.path.join(var_dir, "keys", "access")
-    kid = sorted(f[:-4] for f in os.listdir(ring) if f.endswith(".pem"))[-1]
-    now = int(time.time())
-    head = _b64(json.dumps({"alg": "ES256", "typ": "at+jwt", "kid": kid}, separators=(",", ":")).encode())
-    claims = {"iss": "cityhall", "aud": "cityhall-api", "iat": now, "exp": now + ttl, "sub": citizen_id,
-              "sid": str(uuid.uuid4()), "role": "citizen", "jti": _b64(os.urandom(16))}
-    body = _b64(json.dumps(claims, separators=(",", ":")).encode())
-    der = subprocess.run(["openssl", "dgst", "-sha256", "-sign", os.path.join(ring, kid + ".pem")],
-                         input=f"{head}.{body}".encode(), capture_output=True, check=True).stdout
-    return f"{head}.{body}.{_b64(_der_to_raw(der))}"
 
 
 def _id_number(birth, sex, used):
@@ -150,7 +119,7 @@ def prepare(env, n):
     for k in range(0, len(fams), 40):  # a few statements per psql call (its command line has a size limit)
         _insert_families(pg, fams[k:k + 40], id_hmac)
     for f in fams:
-        f["token"] = _mint(var, f["citizen_id"])
+        f["token"] = kit.mint_access_token(var, f["citizen_id"], sid=str(uuid.uuid4()))
         f["body"] = json.dumps(_form(f), ensure_ascii=False)
     # one submission each, to be sure the form passes the pre-check before anything is measured
     for f in fams[:1]:
@@ -178,85 +147,15 @@ def _insert_families(pg, fams, id_hmac):
     pg.psql(";".join(sql), timeout=300)
 
 
-def _cpu(pid, descendants=True):
-    total = 0
-    pids = [pid]
-    if descendants:
-        try:
-            out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-            pids += [int(p) for p in out.split()]
-        except OSError:
-            pass
-    for p in pids:
-        try:
-            with open(f"/proc/{p}/stat") as fh:
-                parts = fh.read().rsplit(")", 1)[1].split()
-            total += int(parts[11]) + int(parts[12])
-        except (OSError, IndexError, ValueError):
-            pass
-    return total / _CLK_TCK
-
-
-def _idle():
-    with open("/proc/stat") as fh:
-        parts = fh.readline().split()
-    return (int(parts[4]) + int(parts[5])) / _CLK_TCK
-
-
 def _run_h2loads(url, fams, streams, duration, warmup, workdir, log_dir=None, server_pids=None):
-    """One h2load per family (1 connection, `streams` streams, its own body). Returns (texts, cpu or None)."""
-    procs = []
+    """One h2load per family, with its own token and body. Returns (texts, cpu or None)."""
+    jobs = []
     for i, f in enumerate(fams):
         body = os.path.join(workdir, f"onething-body-{i}.json")
         with open(body, "w", encoding="utf-8") as fh:
             fh.write(f["body"])
-        cmd = ["h2load", "-c", "1", "-m", str(streams), "-t", "1", "-D", f"{round(duration * 1000)}ms",
-               "--warm-up-time", f"{round(warmup * 1000)}ms", "-d", body,
-               "-H", f"authorization: Bearer {f['token']}", "-H", "content-type: application/json"]
-        if log_dir:
-            cmd.append(f"--log-file={os.path.join(log_dir, f'h2load-{i}.log')}")
-        procs.append(subprocess.Popen(cmd + [url], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT))
-    cpu = None
-    if server_pids is not None:
-        time.sleep(warmup + 0.1)
-        t0, i0 = time.monotonic(), _idle()
-        s0 = {k: _cpu(p) for k, p in server_pids.items()}
-        g0 = sum(_cpu(p.pid, False) for p in procs)
-        time.sleep(max(0.2, duration - 0.2))
-        wall = time.monotonic() - t0
-        s1 = {k: _cpu(p) for k, p in server_pids.items()}
-        g1 = sum(_cpu(p.pid, False) for p in procs)
-        idle = (_idle() - i0) / wall
-        parts = {k: (s1[k] - s0[k]) / wall for k in s0}
-        srv, gen = sum(parts.values()), (g1 - g0) / wall
-        cpu = {"server": round(srv, 2), "generator": round(gen, 2),
-               "other": round(max(0.0, (os.cpu_count() or 1) - idle - srv - gen), 2), "idle": round(idle, 2)}
-        cpu.update({"server." + k: round(v, 2) for k, v in parts.items()})
-    texts = [p.communicate(timeout=duration + warmup + 60)[0].decode("utf-8", "replace") for p in procs]
-    return texts, cpu
-
-
-def _summary(text):
-    m = re.search(r"^finished in ([0-9.]+)(m?s), ([0-9.]+) req/s", text, re.M)
-    if not m:
-        raise RuntimeError("h2load did not finish: " + " / ".join(text.strip().splitlines()[-4:]))
-    out = {"rps": float(m.group(3)), "non2xx": 0}
-    m = re.search(r"^requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, "
-                  r"(\d+) timeout", text, re.M)
-    s = re.search(r"^status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", text, re.M)
-    if m and s:
-        out["non2xx"] = int(m.group(3)) - int(s.group(1)) + int(m.group(6)) + int(m.group(7))
-    p = re.search(r"^Application protocol: (\S+)", text, re.M)
-    out["protocol"] = p.group(1) if p else None
-    return out
-
-
-def _percentile(sorted_values, p):
-    if not sorted_values:
-        return None
-    k = max(0, min(len(sorted_values) - 1, -(-len(sorted_values) * p // 100) - 1))
-    return sorted_values[int(k)]
+        jobs.append(["-d", body, "-H", f"authorization: Bearer {f['token']}", "-H", "content-type: application/json"])
+    return kit.run_h2loads(url, jobs, streams, duration, warmup, log_dir, server_pids)
 
 
 def dispatch_lag(pg, first_id, last_id):
@@ -272,7 +171,7 @@ def dispatch_lag(pg, first_id, last_id):
                    f"WHERE outbox_id > {first_id} AND outbox_id <= {last_id} AND delivered_at IS NOT NULL")
     lag = sorted(float(x) for x in lags.split())
     return {"rows": last_id - first_id, "delivered": len(lag), "undelivered": pending,
-            "p50_ms": _percentile(lag, 50), "p90_ms": _percentile(lag, 90), "p99_ms": _percentile(lag, 99),
+            "p50_ms": kit.percentile(lag, 50), "p90_ms": kit.percentile(lag, 90), "p99_ms": kit.percentile(lag, 99),
             "max_ms": lag[-1] if lag else None}
 
 
@@ -288,7 +187,7 @@ def measure(env, setting, opts):
     first = int(pg.psql("SELECT coalesce(max(outbox_id), 0) FROM outbox"))
     texts, cpu = _run_h2loads(url, fams[:conns], streams, t["measure"], t["warmup"], opts.workdir, server_pids=pids)
     last = int(pg.psql("SELECT coalesce(max(outbox_id), 0) FROM outbox"))
-    runs = [_summary(x) for x in texts]
+    runs = [kit.summary(x) for x in texts]
     rps = sum(r["rps"] for r in runs)
     non2xx = sum(r["non2xx"] for r in runs)
     lag = dispatch_lag(pg, first, last)
@@ -304,7 +203,7 @@ def measure(env, setting, opts):
         os.unlink(f)  # h2load appends to an existing log
     texts2, _ = _run_h2loads(url, fams[conns:2 * conns], streams, t["latency"], t["latency_warmup"], opts.workdir,
                              log_dir)
-    lat_runs = [_summary(x) for x in texts2]
+    lat_runs = [kit.summary(x) for x in texts2]
     lat, failed = [], 0
     for f in glob.glob(os.path.join(log_dir, "*.log")):
         with open(f, "rb") as fh:
@@ -322,10 +221,10 @@ def measure(env, setting, opts):
     lat.sort()
     ms = lambda v: None if v is None else v / 1000.0
     return {
-        "rps": rps, "p50_ms": ms(_percentile(lat, 50)), "p99_ms": ms(_percentile(lat, 99)),
+        "rps": rps, "p50_ms": ms(kit.percentile(lat, 50)), "p99_ms": ms(kit.percentile(lat, 99)),
         "non2xx": non2xx + failed, "cpu_cores": cpu, "problems": problems,
         "dispatch_lag": lag, "families": 2 * conns,
         "throughput_run": {"processes": len(runs), "rps_each": [round(r["rps"]) for r in runs]},
-        "latency_run": {"rps": sum(r["rps"] for r in lat_runs), "n": len(lat), "p90_ms": ms(_percentile(lat, 90)),
+        "latency_run": {"rps": sum(r["rps"] for r in lat_runs), "n": len(lat), "p90_ms": ms(kit.percentile(lat, 90)),
                         "max_ms": ms(lat[-1] if lat else None)},
     }

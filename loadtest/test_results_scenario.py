@@ -20,7 +20,6 @@ import datetime
 import os
 import random
 import re
-import subprocess
 import sys
 import tempfile
 import time
