@@ -334,8 +334,9 @@ def test_concurrent_inputs_for_one_resident_all_end_up_in_the_stored_code(cluste
                                     json={"results": [{"id_number": who["id_number"], "sample_time": hours_ago(1),
                                                        "result": "positive", "lab": "lab-9"}]},
                                     headers={"Authorization": f"Bearer {dept(cluster)['token']}"}, timeout=30))
-    statuses = [c.wait().status for c in calls]
-    assert statuses == [201] * len(bodies) + [200], statuses
+    answers = [c.wait() for c in calls]
+    statuses = [r.status for r in answers]
+    assert statuses == [201] * len(bodies) + [200], (statuses, [r.body for r in answers if r.status >= 300])
     wait_color(cluster, who, "red", ["POSITIVE_TEST", "SYMPTOMS", "FEVER"])
     assert count(cluster, "hc_recompute_queue", f"resident_id = {who['resident_id']} AND due_at <= now()") == 0
 
