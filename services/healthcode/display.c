@@ -1034,20 +1034,27 @@ static void obtain_degraded(ch_call_t *call, obtain_t *o, int err)
     obtain_done(call, o, NULL, err);
 }
 
-/* A fetched entry: cached (unless invalidated meanwhile: then fetched again from PostgreSQL, once). */
+/*
+ * A fetched entry: cached, unless invalidated meanwhile: then fetched again from PostgreSQL, once. When that one is
+ * invalidated too (inputs for this resident keep arriving), it answers this request and is not cached: it was read
+ * during the request, so it is a state the code had while the request ran, but it may not be the newest one.
+ */
 static void obtain_fetched(ch_call_t *call, obtain_t *o, hc_entry_t *e)
 {
     hc_thread_t *t = thread_state();
     if (!gen_same(o->resident_id, o->stamp)) {
-        entry_free(e);
         if (!o->retried) {
+            entry_free(e);
             o->retried = 1;
             o->stamp = gen_now(o->resident_id);
             o->started_us = ch_now_us();
             obtain_pg(call, o);
             return;
         }
-        obtain_degraded(call, o, CH_EUNAVAIL);
+        h2o_req_t *req = ch_call_req(call);
+        pending_t *keep = h2o_mem_alloc_shared(&req->pool, sizeof(*keep), on_pending_dispose);
+        keep->e = e; /* freed with the request */
+        obtain_done(call, o, e, 0);
         return;
     }
     e->stamp = o->stamp;
