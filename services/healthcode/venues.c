@@ -8,6 +8,7 @@
 #include <time.h>
 #include <jansson.h>
 #include <libpq-fe.h>
+#include "cityhall/batcher.h"
 #include "healthcode.h"
 #include "venues.h"
 #include "cityhall/jws.h"
@@ -36,17 +37,9 @@ typedef Google__Protobuf__Timestamp Timestamp;
 #define CASE_ATTEMPTS 3
 
 /*
- * Group commit of check-ins, per loop thread. A check-in is queued once its answer is ready; what is queued goes to
- * PostgreSQL as one multi-row INSERT (one transaction, one WAL flush for all its rows):
- *  - at the end of the loop iteration in which it arrived, when none of the thread's batches is in flight;
- *  - else as soon as the batch in flight commits (everything that arrived meanwhile is the next batch: one batch at
- *    a time makes batches as large as the load allows, and fewer transactions cost PostgreSQL less CPU per row,
- *    ~6 % per check-in measured at 32 clients against one batch per pool connection);
- *  - else CHECKIN_WINDOW_MS after the first waiting row, whatever is in flight (pipelined behind a batch, up to
- *    CHECKIN_INFLIGHT_PER_CONN batches per connection): the bound on how long a row waits for a free connection;
- *  - at once when CHECKIN_BATCH_MAX rows wait.
- * At low load a batch holds one row and waits for nothing; under load batches grow by themselves while the previous
- * ones commit. Each request is answered only after the batch holding its row committed.
+ * Group commit of check-ins, per loop thread (gateway/batcher.c): a check-in is queued once its answer is ready and
+ * goes to PostgreSQL with the others of its batch as one multi-row INSERT; each request is answered only after the
+ * batch holding its row committed.
  */
 #define CHECKIN_BATCH_MAX         256
 #define CHECKIN_QUEUE_MAX         4096 /* rows waiting per thread; beyond it: 503 */
@@ -474,11 +467,11 @@ static void venue_remember(const uint8_t id[16])
     ++venue_cache->used;
 }
 
-/* ---- check-ins: the group commit ---- */
+/* ---- check-ins: the group commit (gateway/batcher.c) ---- */
 
 /* One check-in from its queueing until its batch committed. Lives in malloc'd memory: its request may die first. */
 typedef struct checkin {
-    ch_call_t *call;       /* held (ch_call_hold) until answered or dropped; answered only if not ch_call_gone */
+    ch_call_t *call;       /* held (ch_batcher_push) until answered or dropped; answered only if not ch_call_gone */
     CheckinResponse *resp; /* in the call's memory (valid while the request is) */
     const char *claim[6];  /* Idempotency-Key claim (ch_call_idempotency_claim), claim[1] NULL without a key */
     int64_t resident_id;
@@ -488,23 +481,12 @@ typedef struct checkin {
 } checkin_t;
 
 typedef struct checkin_batch {
-    struct batcher *b;
+    ch_batcher_t *b;
     unsigned n;
     checkin_t *e[CHECKIN_BATCH_MAX];
 } checkin_batch_t;
 
-/* A loop thread's batcher; only that thread touches it. */
-typedef struct batcher {
-    h2o_loop_t *loop;
-    checkin_t *queue[CHECKIN_QUEUE_MAX]; /* ring */
-    unsigned head, len;
-    unsigned inflight;
-    unsigned soft, hard; /* batches in flight: one when a row arrives or a batch commits; the window's bound */
-    h2o_timeout_t defer_timeout, window_timeout;
-    h2o_timeout_entry_t defer_entry, window_entry;
-} batcher_t;
-
-static __thread batcher_t *batcher;
+static __thread ch_batcher_t *batcher;
 
 /* Lets go of an entry: its call (answered or gone) and its memory. */
 static void checkin_free(checkin_t *e)
@@ -513,8 +495,14 @@ static void checkin_free(checkin_t *e)
     free(e);
 }
 
-static void checkin_fail(checkin_t *e, int err)
+static void checkin_drop(void *arg)
 {
+    checkin_free(arg);
+}
+
+static void checkin_fail(void *arg, int err)
+{
+    checkin_t *e = arg;
     if (!ch_call_gone(e->call))
         ch_fail_err(e->call, err);
     checkin_free(e);
@@ -531,13 +519,23 @@ static void checkin_answer(checkin_t *e, int replay)
     checkin_free(e);
 }
 
-static void batcher_flush(batcher_t *b, unsigned max_inflight);
+static ch_call_t *checkin_call(void *arg)
+{
+    return ((checkin_t *)arg)->call;
+}
+
+/* A second request with a key already in a batch waits for the next one (where its claim then conflicts). */
+static int checkin_conflicts(const void *a, const void *b)
+{
+    const checkin_t *x = a, *y = b;
+    return x->claim[1] != NULL && y->claim[1] != NULL && strcmp(x->claim[0], y->claim[0]) == 0 &&
+           strcmp(x->claim[1], y->claim[1]) == 0;
+}
 
 static void on_batch_committed(void *arg, ch_pg_result_t *r)
 {
     checkin_batch_t *batch = arg;
-    batcher_t *b = batch->b;
-    --b->inflight;
+    ch_batcher_t *b = batch->b;
     if (r->err != 0) {
         for (unsigned i = 0; i < batch->n; ++i)
             checkin_fail(batch->e[i], r->err);
@@ -554,68 +552,31 @@ static void on_batch_committed(void *arg, ch_pg_result_t *r)
             checkin_answer(batch->e[i], replay[i]);
     }
     free(batch);
-    if (b->len != 0)
-        batcher_flush(b, b->soft);
+    ch_batcher_done(b);
 }
 
-static int same_key(const checkin_t *a, const checkin_t *b)
-{
-    return a->claim[1] != NULL && b->claim[1] != NULL && strcmp(a->claim[0], b->claim[0]) == 0 &&
-           strcmp(a->claim[1], b->claim[1]) == 0;
-}
-
-/* Sends one batch of what waits (at most CHECKIN_BATCH_MAX rows); returns 0, or 1 when nothing was left to send. */
-static int batcher_send_one(batcher_t *b)
+/* One multi-row INSERT of entries[0..n) (with the Idempotency-Key claims of those that carry one). */
+static int checkin_send(ch_batcher_t *b, void **entries, unsigned n)
 {
     checkin_batch_t *batch = malloc(sizeof(*batch));
     if (batch == NULL)
         abort();
     batch->b = b;
-    batch->n = 0;
-    /* a second request with a key already in this batch waits for the next one (where its claim then conflicts) */
-    checkin_t *later[CHECKIN_BATCH_MAX];
-    unsigned nlater = 0, keyed = 0;
-    while (b->len != 0 && batch->n < CHECKIN_BATCH_MAX) {
-        checkin_t *e = b->queue[b->head];
-        b->head = (b->head + 1) % CHECKIN_QUEUE_MAX;
-        --b->len;
-        if (ch_call_gone(e->call)) { /* the client went away before its row was sent: nothing to write or answer */
-            checkin_free(e);
-            continue;
-        }
-        int dup = 0;
-        for (unsigned j = 0; e->claim[1] != NULL && j < batch->n && !dup; ++j)
-            dup = same_key(batch->e[j], e);
-        if (dup && nlater < CHECKIN_BATCH_MAX) {
-            later[nlater++] = e;
-            continue;
-        }
-        if (dup) {
-            checkin_fail(e, CH_EFULL);
-            continue;
-        }
-        keyed += e->claim[1] != NULL;
-        batch->e[batch->n++] = e;
+    batch->n = n;
+    unsigned keyed = 0;
+    for (unsigned i = 0; i < n; ++i) {
+        batch->e[i] = entries[i];
+        keyed += batch->e[i]->claim[1] != NULL;
     }
-    for (unsigned k = nlater; k-- > 0;) { /* back to the front, in order */
-        b->head = (b->head + CHECKIN_QUEUE_MAX - 1) % CHECKIN_QUEUE_MAX;
-        b->queue[b->head] = later[k];
-        ++b->len;
-    }
-    if (batch->n == 0) {
-        free(batch);
-        return 1;
-    }
-
     ch_buf_t a[10];
     unsigned na = keyed != 0 ? 10 : 4;
     for (unsigned k = 0; k < na; ++k) {
         a[k] = (ch_buf_t){0};
-        ch_buf_reserve(&a[k], (size_t)batch->n * (k < 2 ? 37 : 24) + 8);
+        ch_buf_reserve(&a[k], (size_t)n * (k < 2 ? 37 : 24) + 8);
         ch_buf_append(&a[k], "{", 1);
     }
     char num[24];
-    for (unsigned i = 0; i < batch->n; ++i) {
+    for (unsigned i = 0; i < n; ++i) {
         checkin_t *e = batch->e[i];
         array_raw(&a[0], e->id, 36);
         array_raw(&a[1], e->venue, 36);
@@ -634,80 +595,41 @@ static int batcher_send_one(batcher_t *b)
     int ret = ch_call_pg_detached(batch->e[0]->call, &q, 1, on_batch_committed, batch); /* copies the parameters */
     for (unsigned k = 0; k < na; ++k)
         ch_buf_free(&a[k]);
-    if (ret != 0) {
-        for (unsigned i = 0; i < batch->n; ++i)
-            checkin_fail(batch->e[i], ret);
+    if (ret != 0)
         free(batch);
-        return 0;
-    }
-    ++b->inflight;
-    return 0;
+    return ret;
 }
 
-/* Sends batches while rows wait and fewer than max_inflight batches are in flight. */
-static void batcher_flush(batcher_t *b, unsigned max_inflight)
-{
-    while (b->len != 0 && b->inflight < max_inflight)
-        if (batcher_send_one(b) != 0)
-            break;
-    if (b->len == 0)
-        h2o_timeout_unlink(&b->window_entry);
-}
+static const ch_batcher_ops_t checkin_ops = {
+    .call = checkin_call,
+    .send = checkin_send,
+    .fail = checkin_fail,
+    .drop = checkin_drop,
+    .conflicts = checkin_conflicts,
+};
 
-static void on_batch_defer(h2o_timeout_entry_t *entry)
-{
-    batcher_t *b = H2O_STRUCT_FROM_MEMBER(batcher_t, defer_entry, entry);
-    batcher_flush(b, b->soft);
-}
-
-static void on_batch_window(h2o_timeout_entry_t *entry)
-{
-    batcher_t *b = H2O_STRUCT_FROM_MEMBER(batcher_t, window_entry, entry);
-    batcher_flush(b, b->hard);
-    if (b->len != 0) /* still held back by the hard limit: look again after another window */
-        h2o_timeout_link(b->loop, &b->window_timeout, &b->window_entry);
-}
-
-/* The calling thread's batcher, made on its first check-in. */
-static batcher_t *batcher_get(ch_call_t *call)
-{
-    if (batcher != NULL)
-        return batcher;
-    batcher_t *b = calloc(1, sizeof(*b));
-    if (b == NULL)
-        abort();
-    b->loop = ch_call_req(call)->conn->ctx->loop;
-    b->soft = 1;
-    b->hard = (ch_config()->pg_conns > 0 ? ch_config()->pg_conns : 1) * CHECKIN_INFLIGHT_PER_CONN;
-    h2o_timeout_init(b->loop, &b->defer_timeout, 0);
-    h2o_timeout_init(b->loop, &b->window_timeout, CHECKIN_WINDOW_MS);
-    b->defer_entry.cb = on_batch_defer;
-    b->window_entry.cb = on_batch_window;
-    batcher = b;
-    return b;
-}
+/*
+ * One batch in flight per thread when a row arrives or a batch commits: batches as large as the load allows, and
+ * fewer transactions cost PostgreSQL less CPU per row (~6 % per check-in measured at 32 clients against one batch
+ * per pool connection).
+ */
+static const ch_batcher_config_t checkin_batching = {
+    .batch_max = CHECKIN_BATCH_MAX,
+    .queue_max = CHECKIN_QUEUE_MAX,
+    .window_ms = CHECKIN_WINDOW_MS,
+    .soft = 1,
+    .inflight_per_conn = CHECKIN_INFLIGHT_PER_CONN,
+};
 
 /* Queues a check-in whose answer is ready; answers 503 itself when the queue is full. */
 static void checkin_enqueue(ch_call_t *call, checkin_t *e)
 {
-    batcher_t *b = batcher_get(call);
-    if (b->len == CHECKIN_QUEUE_MAX) {
+    ch_batcher_t *b = ch_batcher_thread(call, &batcher, &checkin_batching, &checkin_ops);
+    e->call = call;
+    if (ch_batcher_push(b, call, e) != 0) {
         free(e);
         ch_fail_err(call, CH_EFULL);
-        return;
     }
-    ch_call_hold(call);
-    e->call = call;
-    b->queue[(b->head + b->len) % CHECKIN_QUEUE_MAX] = e;
-    ++b->len;
-    if (b->len >= CHECKIN_BATCH_MAX) {
-        batcher_flush(b, b->hard);
-        return;
-    }
-    if (b->inflight < b->soft && !h2o_timeout_is_linked(&b->defer_entry))
-        h2o_timeout_link(b->loop, &b->defer_timeout, &b->defer_entry); /* at the end of this loop iteration */
-    if (!h2o_timeout_is_linked(&b->window_entry))
-        h2o_timeout_link(b->loop, &b->window_timeout, &b->window_entry);
 }
 
 /* ---- POST /v1/venues/{id}/checkins ---- */

@@ -9,6 +9,7 @@
 #include <openssl/crypto.h>
 #include "catalog.h"
 #include "cityhall/audit.h"
+#include "cityhall/batcher.h"
 #include "cityhall/jws.h"
 #include "cityhall/pii.h"
 
@@ -1315,12 +1316,9 @@ static const char *sealed_fields(ch_call_t *call, const ot_bundle_t *b, const ch
 
 /*
  * A submission is queued once its answer is fixed; what a loop thread has queued goes to PostgreSQL as one batch
- * (ot_submit_batch: one transaction, one WAL flush for all): at the end of the loop iteration in which it arrived
- * when fewer batches are in flight than the thread's pool has connections; else as soon as a batch commits; else
- * SUBMIT_WINDOW_MS after the first waiting one (up to SUBMIT_INFLIGHT_PER_CONN batches per connection); at once
- * when SUBMIT_BATCH_MAX wait. At low load a batch holds one submission and waits for nothing. Each request is
- * answered after its batch committed. A batch the database refuses (a constraint) is sent again one submission
- * at a time, so that one bad submission fails alone. (The pattern of the health-code check-ins.)
+ * (ot_submit_batch: one transaction, one WAL flush for all; gateway/batcher.c decides when), up to one batch in
+ * flight per pool connection at once. Each request is answered after its batch committed. A batch the database
+ * refuses (a constraint) is sent again one submission at a time, so that one bad submission fails alone.
  */
 #define SUBMIT_BATCH_MAX         128
 #define SUBMIT_QUEUE_MAX         4096
@@ -1360,22 +1358,12 @@ typedef struct sub_entry {
 } sub_entry_t;
 
 typedef struct sub_batch {
-    struct sub_batcher *b;
+    ch_batcher_t *b;
     unsigned n;
     sub_entry_t *e[SUBMIT_BATCH_MAX];
 } sub_batch_t;
 
-/* A loop thread's batcher; only that thread touches it. */
-typedef struct sub_batcher {
-    h2o_loop_t *loop;
-    sub_entry_t *queue[SUBMIT_QUEUE_MAX]; /* ring */
-    unsigned head, len, inflight;
-    unsigned soft, hard;
-    h2o_timeout_t defer_timeout, window_timeout;
-    h2o_timeout_entry_t defer_entry, window_entry;
-} sub_batcher_t;
-
-static __thread sub_batcher_t *sub_batcher;
+static __thread ch_batcher_t *sub_batcher;
 
 static char *own(const char *s)
 {
@@ -1426,18 +1414,14 @@ static void entry_answer(sub_entry_t *e, int err, int replay)
     entry_free(e);
 }
 
-static void batcher_flush(sub_batcher_t *b, unsigned max_inflight);
-static void batch_send(sub_batcher_t *b, sub_entry_t **entries, unsigned n);
-
 static void on_batch_committed(void *arg, ch_pg_result_t *r)
 {
     sub_batch_t *batch = arg;
-    sub_batcher_t *b = batch->b;
-    --b->inflight;
+    ch_batcher_t *b = batch->b;
     if (r->err == CH_EDB && batch->n > 1) {
         /* one submission the database refuses must not fail the others: each goes again alone */
         for (unsigned i = 0; i < batch->n; ++i)
-            batch_send(b, &batch->e[i], 1);
+            ch_batcher_send(b, (void **)&batch->e[i], 1);
     } else if (r->err != 0) {
         for (unsigned i = 0; i < batch->n; ++i)
             entry_answer(batch->e[i], r->err, 0);
@@ -1454,13 +1438,13 @@ static void on_batch_committed(void *arg, ch_pg_result_t *r)
             entry_answer(batch->e[i], 0, replay[i]);
     }
     free(batch);
-    if (b->len != 0)
-        batcher_flush(b, b->soft);
+    ch_batcher_done(b);
 }
 
 /* Sends `n` entries as one transaction (they are answered by on_batch_committed). */
-static void batch_send(sub_batcher_t *b, sub_entry_t **entries, unsigned n)
+static int batch_send(ch_batcher_t *b, void **entries_, unsigned n)
 {
+    sub_entry_t **entries = (sub_entry_t **)entries_;
     sub_batch_t *batch = malloc(sizeof(*batch));
     if (batch == NULL)
         abort();
@@ -1519,87 +1503,51 @@ static void batch_send(sub_batcher_t *b, sub_entry_t **entries, unsigned n)
     int ret = ch_call_pg_detached(entries[0]->call, q, 3, on_batch_committed, batch); /* copies the parameters */
     for (int k = 0; k < NARR; ++k)
         ch_buf_free(&a[k]);
-    if (ret != 0) {
-        for (unsigned i = 0; i < n; ++i)
-            entry_answer(entries[i], ret, 0);
+    if (ret != 0)
         free(batch);
-        return;
-    }
-    ++b->inflight;
+    return ret;
 }
 
-/* Sends batches while submissions wait and fewer than max_inflight batches are in flight. */
-static void batcher_flush(sub_batcher_t *b, unsigned max_inflight)
+static ch_call_t *entry_call(void *e)
 {
-    while (b->len != 0 && b->inflight < max_inflight) {
-        sub_entry_t *batch[SUBMIT_BATCH_MAX];
-        unsigned n = 0;
-        while (b->len != 0 && n < SUBMIT_BATCH_MAX) {
-            sub_entry_t *e = b->queue[b->head];
-            b->head = (b->head + 1) % SUBMIT_QUEUE_MAX;
-            --b->len;
-            if (ch_call_gone(e->call)) { /* the client went away before its write was sent: nothing to do */
-                entry_free(e);
-                continue;
-            }
-            batch[n++] = e;
-        }
-        if (n == 0)
-            break;
-        batch_send(b, batch, n);
-    }
-    if (b->len == 0)
-        h2o_timeout_unlink(&b->window_entry);
+    return ((sub_entry_t *)e)->call;
 }
 
-static void on_batch_defer(h2o_timeout_entry_t *entry)
+static void entry_fail(void *e, int err)
 {
-    sub_batcher_t *b = H2O_STRUCT_FROM_MEMBER(sub_batcher_t, defer_entry, entry);
-    batcher_flush(b, b->soft);
+    entry_answer(e, err, 0);
 }
 
-static void on_batch_window(h2o_timeout_entry_t *entry)
+static void entry_drop(void *e)
 {
-    sub_batcher_t *b = H2O_STRUCT_FROM_MEMBER(sub_batcher_t, window_entry, entry);
-    batcher_flush(b, b->hard);
-    if (b->len != 0) /* still held back by the hard limit: look again after another window */
-        h2o_timeout_link(b->loop, &b->window_timeout, &b->window_entry);
+    entry_free(e);
 }
+
+static const ch_batcher_ops_t submit_ops = {
+    .call = entry_call,
+    .send = batch_send,
+    .fail = entry_fail,
+    .drop = entry_drop,
+};
+
+static const ch_batcher_config_t submit_batching = {
+    .batch_max = SUBMIT_BATCH_MAX,
+    .queue_max = SUBMIT_QUEUE_MAX,
+    .window_ms = SUBMIT_WINDOW_MS,
+    .soft = 0, /* one per pool connection */
+    .inflight_per_conn = SUBMIT_INFLIGHT_PER_CONN,
+};
 
 /* Queues a submission whose answer is fixed; answers 503 itself when the queue is full. */
 static void submit_enqueue(ch_call_t *call, sub_entry_t *e)
 {
-    sub_batcher_t *b = sub_batcher;
-    if (b == NULL) {
-        b = calloc(1, sizeof(*b));
-        if (b == NULL)
-            abort();
-        b->loop = ch_call_req(call)->conn->ctx->loop;
-        b->soft = ch_config()->pg_conns > 0 ? ch_config()->pg_conns : 1;
-        b->hard = b->soft * SUBMIT_INFLIGHT_PER_CONN;
-        h2o_timeout_init(b->loop, &b->defer_timeout, 0);
-        h2o_timeout_init(b->loop, &b->window_timeout, SUBMIT_WINDOW_MS);
-        b->defer_entry.cb = on_batch_defer;
-        b->window_entry.cb = on_batch_window;
-        sub_batcher = b;
-    }
-    if (b->len == SUBMIT_QUEUE_MAX) {
+    ch_batcher_t *b = ch_batcher_thread(call, &sub_batcher, &submit_batching, &submit_ops);
+    e->call = call;
+    if (ch_batcher_push(b, call, e) != 0) {
+        e->call = NULL; /* not held */
         entry_free(e);
         ch_fail_err(call, CH_EFULL);
-        return;
     }
-    ch_call_hold(call);
-    e->call = call;
-    b->queue[(b->head + b->len) % SUBMIT_QUEUE_MAX] = e;
-    ++b->len;
-    if (b->len >= SUBMIT_BATCH_MAX) {
-        batcher_flush(b, b->hard);
-        return;
-    }
-    if (b->inflight < b->soft && !h2o_timeout_is_linked(&b->defer_entry))
-        h2o_timeout_link(b->loop, &b->defer_timeout, &b->defer_entry); /* at the end of this loop iteration */
-    if (!h2o_timeout_is_linked(&b->window_entry))
-        h2o_timeout_link(b->loop, &b->window_timeout, &b->window_entry);
 }
 
 static void on_prechecked(ch_call_t *call, ch_pg_result_t *r)
