@@ -128,6 +128,8 @@ def measure(env, setting, opts, citizens=2000):
         "non2xx": non2xx + failed, "cpu_cores": cpu, "problems": problems,
         "citizens_seeded": citizens, "distinct_citizens": 2 * conns,
         "bare_same_shape_rps": bare_same_shape, "ratio_to_bare_same_shape": rps / bare_same_shape,
+        "info": [f"the bare handler loaded the same way ({conns} h2load processes, each sending a citizen's token): "
+                 f"{bare_same_shape:,.0f} req/s; the route is {rps / bare_same_shape:.2f}x that"],
         "throughput_run": {"processes": len(runs), "rps_each": [round(r["rps"]) for r in runs]},
         "latency_run": {"rps": sum(r["rps"] for r in lat_runs), "n": len(lat), "p90_ms": ms(kit.percentile(lat, 90)),
                         "p999_ms": ms(kit.percentile(lat, 99.9)), "max_ms": ms(lat[-1] if lat else None)},

@@ -174,4 +174,7 @@ def measure(env, setting, opts):
     return {"rps": rows / (end - start), "p50_ms": pick(50), "p99_ms": pick(99), "non2xx": non2xx,
             "batches": len(bodies), "rows_per_batch": BATCH, "ack_ms": acks, "recomputed_ms": latencies,
             "acked_rows_per_s": rows / (max(r[1] for r in results) - start),
+            "info": [f"rows acknowledged (committed) per second: {rows / (max(r[1] for r in results) - start):,.0f}; "
+                     f"per batch, acknowledged after {sorted(acks)[len(acks) // 2]:.0f} ms and recomputed after "
+                     f"{pick(50):.0f} ms (medians)"] if acks else [],
             "problems": [] if non2xx == 0 else [f"{non2xx} batches were not accepted"]}
