@@ -903,11 +903,8 @@ static hc_entry_t *entry_parse(int64_t resident_id, const char *s, size_t len)
     return e;
 }
 
-/*
- * A pseudonymous, stable code id for a resident who has no health_codes row yet (no input ever arrived):
- * a keyed hash of the resident id, so that no write is needed on the display path. Shaped as a UUID.
- */
-static void code_id_derive(int64_t resident_id, char out[37])
+/* No write on the display path for a resident who has no health_codes row yet (no input ever arrived). */
+void hc_code_id_derive(int64_t resident_id, char out[37])
 {
     char v[24];
     int n = snprintf(v, sizeof(v), "%lld", (long long)resident_id);
@@ -932,7 +929,7 @@ static hc_entry_t *entry_from_row(int64_t resident_id, PGresult *res, int64_t no
     text_clean(e->masked);
     if (PQgetisnull(res, 0, 1)) {
         /* no input ever arrived: green, no reasons, at the active rule version */
-        code_id_derive(resident_id, e->code_id);
+        hc_code_id_derive(resident_id, e->code_id);
         e->color = HC_GREEN;
         e->reasons = xstrndup("[]", 2);
         e->rule_version = atoi(PQgetvalue(res, 0, 7));

@@ -57,6 +57,12 @@ int hc_code_get(ch_call_t *call, int64_t resident_id, hc_code_cb cb);
 /** Drops `resident_id` from this process's caches at once (all threads); recompute calls it. */
 void hc_cache_invalidate(int64_t resident_id);
 
+/**
+ * The pseudonymous code id (the token's sub) of a resident who has no stored code yet: a keyed hash of the resident
+ * id, shaped as a UUID. The first stored code takes the same id, so that a resident's sub does not change.
+ */
+void hc_code_id_derive(int64_t resident_id, char out[37]);
+
 typedef void (*hc_subject_cb)(ch_call_t *call, int64_t resident_id);
 /**
  * The registry resident a citizen call is about: the caller's own (422 when the account is not real-name

@@ -134,7 +134,7 @@ const ch_pg_stmt_t hc_rc_stmt_areas = {
 
 /*
  * $1 a JSON array of results [{r: resident, s: seq read (0: none), c: color, j: reasons, v: rule version,
- * a: as_of µs, n: next evaluation µs (0: none)}]. Step 3 of the comment at the top. One row per result: resident,
+ * a: as_of µs, n: next evaluation µs (0: none), k: the code id for a first code (absent: one is stored)}]. Step 3 of the comment at the top. One row per result: resident,
  * guarded (the result could be stored), then the code as stored now when it changed (NULL when it did not).
  * Lock order, everywhere: queue rows in resident order (lk here, hc_enqueue's ORDER BY), then codes in resident
  * order: a drainer's batch and a bulk upload touching the same residents wait for each other, never deadlock.
@@ -142,9 +142,10 @@ const ch_pg_stmt_t hc_rc_stmt_areas = {
 const ch_pg_stmt_t hc_rc_stmt_write = {
     "hc_rc_write",
     "WITH inp AS (SELECT x.r AS resident_id, x.s AS seq, x.c AS color, x.j AS reasons, x.v AS rule_version, "
-    "                    " AT_US("x.a") " AS as_of, CASE WHEN x.n > 0 THEN " AT_US("x.n") " END AS next_at "
+    "                    " AT_US("x.a") " AS as_of, CASE WHEN x.n > 0 THEN " AT_US("x.n") " END AS next_at, "
+    "                    x.k AS code_id "
     "             FROM jsonb_to_recordset($1::jsonb) AS x(r bigint, s bigint, c text, j jsonb, v integer, a bigint, "
-    "                                                     n bigint)), "
+    "                                                     n bigint, k uuid)), "
     "lk AS (SELECT q.resident_id, inp.next_at FROM hc_recompute_queue q "
     "       JOIN inp ON q.resident_id = inp.resident_id AND q.seq = inp.seq ORDER BY q.resident_id FOR UPDATE OF q), "
     "done AS (DELETE FROM hc_recompute_queue q USING lk WHERE q.resident_id = lk.resident_id AND lk.next_at IS NULL "
@@ -157,8 +158,9 @@ const ch_pg_stmt_t hc_rc_stmt_write = {
     "ok AS (SELECT resident_id FROM done UNION ALL SELECT resident_id FROM later UNION ALL SELECT resident_id FROM fresh "
     "       UNION ALL SELECT i.resident_id FROM inp i WHERE i.seq = 0 AND i.next_at IS NULL "
     "       AND NOT EXISTS (SELECT 1 FROM hc_recompute_queue q WHERE q.resident_id = i.resident_id)), "
-    "w AS (INSERT INTO health_codes AS h (resident_id, color, reasons, rule_version, as_of) "
-    "      SELECT i.resident_id, i.color, i.reasons, i.rule_version, i.as_of FROM inp i "
+    "w AS (INSERT INTO health_codes AS h (resident_id, code_id, color, reasons, rule_version, as_of) "
+    "      SELECT i.resident_id, coalesce(i.code_id, gen_random_uuid()), i.color, i.reasons, i.rule_version, i.as_of "
+    "      FROM inp i "
     "      JOIN ok ON ok.resident_id = i.resident_id ORDER BY i.resident_id "
     "      ON CONFLICT (resident_id) DO UPDATE SET color = EXCLUDED.color, reasons = EXCLUDED.reasons, "
     "         rule_version = EXCLUDED.rule_version, as_of = EXCLUDED.as_of, version = h.version + 1, updated_at = now() "
@@ -418,6 +420,13 @@ static void batch_eval(const batch_t *b, const hc_rules_t *rules, ch_buf_t *json
                      (long long)b->now, (long long)r.next_eval_at);
         ch_buf_append(json, head, (size_t)n);
         hc_result_reasons_json(&r, json);
+        if (s->code_id == NULL) { /* a first code: it keeps the id its display had */
+            char id[37];
+            hc_code_id_derive(s->resident_id, id);
+            ch_buf_append(json, ",\"k\":\"", 6);
+            ch_buf_append(json, id, 36);
+            ch_buf_append(json, "\"", 1);
+        }
         ch_buf_append(json, "}", 1);
     }
     ch_buf_append(json, "]", 1);
@@ -782,15 +791,19 @@ static int w_connect(worker_t *w)
     /*
      * The configured conninfo, with timeouts: a stalled server must not hang this thread for long. jit off: batch
      * statements cost enough to set off JIT compilation, which takes longer than running them. The planner's
-     * defaults price a random page read at 4 sequential ones: for 5 000 residents among 160 000, hc_dr_state then
-     * merges whole indexes instead of probing them (58 ms against 25 ms), and parallel workers would take the
-     * other core from the loop. These connections read data that is in memory: price it so.
+     * defaults price a random page read at 4 sequential ones: planned for 5 000 residents among 160 000,
+     * hc_dr_state then merges whole indexes instead of probing them (58 ms against 25 ms, measured with psql), and
+     * parallel workers would take the other core from the loop. These connections read data that is in memory:
+     * price it so.
      */
     const char *keys[] = {"dbname", "connect_timeout", "tcp_user_timeout", "options", "application_name", NULL};
-    const char *vals[] = {bg.conninfo, "3", "10000",
+    const char *vals[] = {bg.conninfo,
+                          "3",
+                          "10000",
                           "-c statement_timeout=30000 -c jit=off -c random_page_cost=1.1 "
                           "-c max_parallel_workers_per_gather=0",
-                          "cityhall-healthcode", NULL};
+                          "cityhall-healthcode",
+                          NULL};
     w->pg = PQconnectdbParams(keys, vals, 1);
     if (PQstatus(w->pg) != CONNECTION_OK || w_prepare(w) != 0) {
         if (!w->pg_failing)

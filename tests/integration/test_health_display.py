@@ -208,6 +208,28 @@ def test_code_of_a_bound_citizen_has_color_reasons_and_a_signed_token(cluster):
     no_personal_data(json.dumps(body, ensure_ascii=False), who)
 
 
+def test_the_code_id_stays_the_same_when_the_first_code_is_stored(cluster):
+    """Before any input the code id is derived (nothing is written on the display path); the first stored code takes
+    the same id, so the token's pseudonymous sub does not change. A resident with a code stored keeps its id."""
+    who = citizen(cluster)
+    assert count_codes(cluster, who) == 0
+    before = code_of(cluster, who)
+    r = post(cluster, who, "/v1/health/declarations", {"symptoms": ["cough"]})
+    assert r.status == 201 and r.json()["color"] == "yellow", r
+    assert count_codes(cluster, who) == 1
+    assert r.json()["code_id"] == before["code_id"], (before["code_id"], r.json()["code_id"])
+    after = wait_for(lambda: (lambda b: b if b["color"] == "yellow" else None)(code_of(cluster, who)),
+                     timeout=5, what="the yellow code")
+    assert after["code_id"] == before["code_id"]
+    assert jws_parts(after["token"])[1]["sub"] == jws_parts(before["token"])[1]["sub"] == before["code_id"]
+    r = post(cluster, who, "/v1/health/declarations", {"symptoms": []})
+    assert r.status == 201 and r.json()["code_id"] == before["code_id"], r
+
+
+def count_codes(cluster, who):
+    return int(cluster.pg.psql(f"SELECT count(*) FROM health_codes WHERE resident_id = {who['resident_id']}"))
+
+
 def test_token_verifies_against_the_jwks_with_an_independent_implementation(cluster):
     who = citizen(cluster)
     body = code_of(cluster, who)
